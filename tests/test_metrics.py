@@ -1,0 +1,206 @@
+"""Tests for metrics.py: hand-computed PRO cases, limiting cases, agreement with scikit-learn and a
+brute-force PRO, invariance to increasing transforms, and every error message."""
+import warnings
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+import metrics
+from metrics import evaluate, image_ap, image_auroc, pixel_ap, pixel_auroc, pro
+
+
+def a(rows):
+    return np.array(rows, dtype=float)
+
+
+# ---------------------------------------------------------------- hand-computed PRO cases
+def test_pro_is_mean_over_regions_not_pooled_overlap():
+    # Image 1 (1x4): a 1-pixel region scored 0.9, three normals at 0.5.
+    # Image 2 (1x5): a 4-pixel region scored 0.9, 0.2, 0.2, 0.2 and one normal at 0.5.
+    # t=0.9: overlaps 1/1 and 1/4 -> PRO = (1 + 0.25) / 2 = 0.625 (pooled overlap would be 2/5 = 0.4);
+    #        FPR = 0/4.  t=0.5: FPR = 4/4 = 1, PRO still 0.625.  t=0.2: PRO = 1, FPR = 1.
+    # Curve (0,0) -> (0,0.625) -> (1,0.625) -> (1,1): area up to 0.3 = 0.3 * 0.625, / 0.3 = 0.625.
+    masks = [a([[1, 0, 0, 0]]), a([[1, 1, 1, 1, 0]])]
+    maps = [a([[0.9, 0.5, 0.5, 0.5]]), a([[0.9, 0.2, 0.2, 0.2, 0.5]])]
+    assert pro(masks, maps) == pytest.approx(0.625)
+
+
+def test_defect_free_image_false_positives_lower_pro():
+    # Image 1 (1x4) alone is perfect: region [0.8, 0.8] above normals [0.2, 0.2] -> PRO 1.
+    masks, maps = [a([[1, 1, 0, 0]])], [a([[0.8, 0.8, 0.2, 0.2]])]
+    assert pro(masks, maps) == pytest.approx(1.0)
+    # Add a defect-free image (1x4) with one normal pixel at 0.9; now 6 normal pixels in all.
+    # t=0.9: FPR = 1/6, PRO = 0.  t=0.8: FPR = 1/6, PRO = 1.  t=0.2: FPR = 1, PRO = 1.
+    # Curve (0,0) -> (1/6,0) -> (1/6,1) -> (1,1): area up to 0.3 = (0.3 - 1/6) * 1 = 0.1333...,
+    # / 0.3 = 4/9.
+    masks.append(a([[0, 0, 0, 0]]))
+    maps.append(a([[0.9, 0.2, 0.2, 0.2]]))
+    assert pro(masks, maps) == pytest.approx(4 / 9)
+
+
+def test_diagonal_pixels_are_one_region_with_8_connectivity():
+    # Image 1 (2x2): anomalous pixels on the diagonal, scores 0.9 (top-left) and 0.1; normals 0.5.
+    # Image 2 (1x2): a 1-pixel region scored 0.1, one normal at 0.5.
+    # 8-connectivity: regions {diagonal pair}, {image 2 pixel}. At t=0.9: overlaps 1/2 and 0
+    # -> PRO 0.25, FPR 0; at t=0.5 FPR jumps to 1.  Normalised PRO = 0.25.
+    # (4-connectivity would give regions {a}, {b}, {c}: (1 + 0 + 0) / 3 = 1/3.)
+    masks = [a([[1, 0], [0, 1]]), a([[1, 0]])]
+    maps = [a([[0.9, 0.5], [0.5, 0.1]]), a([[0.1, 0.5]])]
+    assert pro(masks, maps) == pytest.approx(0.25)
+
+
+# ---------------------------------------------------------------- limiting cases
+def random_set(rng, n=6):
+    """Masks of differing sizes with a few rectangles, half the images defect-free."""
+    masks = []
+    for i in range(n):
+        m = np.zeros((rng.integers(8, 20), rng.integers(8, 20)), bool)
+        for _ in range(rng.integers(1, 4) if i % 2 else 0):
+            y, x = rng.integers(0, m.shape[0] - 2), rng.integers(0, m.shape[1] - 2)
+            m[y:y + rng.integers(1, 4), x:x + rng.integers(1, 4)] = True
+        masks.append(m)
+    return masks
+
+
+def test_perfect_inverted_and_constant_maps():
+    rng = np.random.default_rng(0)
+    masks = random_set(rng)
+    labels = np.array([m.any() for m in masks])
+    perfect = [m + 0.5 * rng.random(m.shape) for m in masks]  # every anomalous pixel > every normal
+    inverted = [-p for p in perfect]
+    constant = [np.full(m.shape, 3.0) for m in masks]
+    s = labels + 0.5 * rng.random(labels.size)
+    assert image_auroc(labels, s) == pytest.approx(1.0)
+    assert image_auroc(labels, -s) == pytest.approx(0.0)
+    assert image_auroc(labels, np.ones(labels.size)) == pytest.approx(0.5)
+    assert pixel_auroc(masks, perfect) == pytest.approx(1.0)
+    assert pixel_ap(masks, perfect) == pytest.approx(1.0)
+    assert pro(masks, perfect) == pytest.approx(1.0)
+    assert pixel_auroc(masks, inverted) == pytest.approx(0.0)
+    assert pro(masks, inverted) == pytest.approx(0.0)
+    assert pixel_auroc(masks, constant) == pytest.approx(0.5)
+    # Constant map: one threshold, the curve is the diagonal; area to 0.3 = 0.045, / 0.3 = 0.15.
+    assert pro(masks, constant) == pytest.approx(0.15)
+
+
+# ---------------------------------------------------------------- agreement with references
+def brute_force_pro(masks, maps, limit):
+    """PRO by the definition: loop over every distinct score and every region."""
+    masks = [m > 0.5 for m in masks]
+    regions = [lab == r for m in masks
+               for lab, n in [ndimage.label(m, structure=np.ones((3, 3)))] for r in range(1, n + 1)]
+    regions_maps = [mp for m, mp in zip(masks, maps)
+                    for _ in range(ndimage.label(m, structure=np.ones((3, 3)))[1])]
+    n_normal = sum((~m).sum() for m in masks)
+    xs, ys = [0.0], [0.0]
+    for t in np.unique(np.concatenate([mp.ravel() for mp in maps]))[::-1]:
+        xs.append(sum(((mp >= t) & ~m).sum() for m, mp in zip(masks, maps)) / n_normal)
+        ys.append(np.mean([(mp[r] >= t).mean() for r, mp in zip(regions, regions_maps)]))
+    xs, ys = np.array(xs + [1.0]), np.array(ys + [1.0])
+    j = np.argmax(xs >= limit)  # first point at or beyond the limit; interpolate from the one before
+    y_lim = ys[j - 1] + (ys[j] - ys[j - 1]) * (limit - xs[j - 1]) / (xs[j] - xs[j - 1])
+    return np.trapezoid(np.r_[ys[:j], y_lim], np.r_[xs[:j], limit]) / limit
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_agrees_with_sklearn_and_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    masks = random_set(rng)
+    maps = [np.round(rng.random(m.shape) + 0.3 * m, 1) for m in masks]  # rounding makes ties
+    y, s = np.concatenate([m.ravel() for m in masks]), np.concatenate([m.ravel() for m in maps])
+    assert pixel_auroc(masks, maps) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert pixel_ap(masks, maps) == pytest.approx(average_precision_score(y, s), abs=1e-12)
+    for limit in (0.3, 0.05, 1.0):
+        assert pro(masks, maps, limit) == pytest.approx(brute_force_pro(masks, maps, limit), abs=1e-12)
+    labels, scores = rng.random(50) < 0.4, np.round(rng.random(50), 1)
+    assert image_auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert image_ap(labels, scores) == pytest.approx(average_precision_score(labels, scores), abs=1e-12)
+
+
+def test_invariant_to_strictly_increasing_transform():
+    rng = np.random.default_rng(5)
+    masks = random_set(rng, n=8)
+    maps = [np.round(rng.random(m.shape) + 0.5 * m, 2) for m in masks]
+    labels = np.array([m.any() for m in masks])
+    scores = np.array([mp.max() for mp in maps]) - 0.3 * rng.random(labels.size)
+    f = lambda x: np.exp(3 * x) + x ** 3 - 7  # strictly increasing
+    before, after = evaluate(maps, masks, labels, scores), evaluate([f(m) for m in maps], masks,
+                                                                    labels, f(scores))
+    assert all(0.1 < v < 0.99 for v in before.values())  # non-trivial values
+    assert after == pytest.approx(before, abs=1e-12)
+    # The same maps as one (N, H, W) array and as float32 give the same result as the list.
+    crop = [m[:8, :8] for m in masks], [mp[:8, :8] for mp in maps]
+    assert pro(np.stack(crop[0]), np.stack(crop[1]).astype(np.float32)) == pytest.approx(pro(*crop))
+
+
+def test_mask_scaling():
+    rng = np.random.default_rng(3)
+    masks = random_set(rng)
+    maps = [rng.random(m.shape) + 0.3 * m for m in masks]
+    ref = pro(masks, maps)
+    assert pro([m.astype(np.uint8) for m in masks], maps) == ref           # 0/1 integers
+    assert pro([m.astype(np.uint8) * 255 for m in masks], maps) == ref     # 8-bit image
+    assert pro([m * 128 + (~m) * 127 for m in masks], maps) == ref          # > 127.5 of 255
+    assert pro([m * 0.51 + (~m) * 0.5 for m in masks], maps) == ref         # float: > 0.5
+
+
+# ---------------------------------------------------------------- errors
+def test_undefined_metrics_raise():
+    m, mp = [np.zeros((2, 2))], [np.ones((2, 2))]
+    for f in (pixel_auroc, pixel_ap, pro):
+        with pytest.raises(metrics.UndefinedMetricError, match="no anomalous pixel"):
+            f(m, mp)
+        with pytest.raises(ValueError, match="no normal pixel"):
+            f([np.ones((2, 2))], mp)
+    for f in (image_auroc, image_ap):
+        with pytest.raises(ValueError, match="no anomalous image"):
+            f([0, 0], [0.1, 0.2])
+        with pytest.raises(ValueError, match="no normal image"):
+            f([1, 1], [0.1, 0.2])
+
+
+def test_evaluate_on_good_images_only_returns_nan_with_warnings():
+    maps, masks = np.random.default_rng(0).random((3, 4, 4)), np.zeros((3, 4, 4), bool)
+    with pytest.warns(RuntimeWarning, match="undefined") as record:
+        out = evaluate(maps, masks, [0, 0, 0], [0.1, 0.2, 0.3])
+    assert set(out) == {"image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_pro"}
+    assert all(np.isnan(v) for v in out.values()) and len(record) == 5
+    # Image labels mixed but no anomalous pixel: image metrics are still reported.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = evaluate(maps, masks, [0, 1, 1], [0.1, 0.2, 0.3])
+    assert out["image_auroc"] == pytest.approx(1.0) and np.isnan(out["pixel_pro"])
+
+
+def test_invalid_input_raises_with_message():
+    maps, masks = [np.zeros((2, 2)), np.zeros((3, 2))], [np.zeros((2, 2)), np.eye(3, 2)]
+    bad = [maps[0], np.array([[0.0, np.nan], [0, 0], [0, 0]])]
+    with pytest.raises(ValueError, match=r"maps\[1\] contains NaN or inf"):
+        pro(masks, bad)
+    with pytest.raises(ValueError, match=r"maps\[1\] contains NaN or inf"):
+        evaluate(bad, masks, [0, 1], [0.1, 0.2])  # invalid input is an error even in evaluate
+    with pytest.raises(ValueError, match=r"maps\[0\] contains NaN or inf"):
+        pixel_auroc(masks, [np.full((2, 2), np.inf), maps[1]])
+    with pytest.raises(ValueError, match=r"scores\[1\] is nan"):
+        image_auroc([0, 1], [0.1, np.nan])
+    with pytest.raises(ValueError, match=r"scores\[0\] is inf"):
+        evaluate(maps, masks, [0, 1], [np.inf, 0.2])
+    with pytest.raises(ValueError, match=r"maps\[1\] has shape \(2, 3\) but masks\[1\] has shape \(3, 2\)"):
+        pixel_ap(masks, [maps[0], np.zeros((2, 3))])
+    with pytest.raises(ValueError, match="got 2 maps but 1 masks"):
+        pro(masks[:1], maps)
+    with pytest.raises(ValueError, match="got 2 maps but 3 labels"):
+        evaluate(maps, masks, [0, 1, 1], [0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match=r"expected an \(N, H, W\) array"):
+        pro(np.zeros((2, 2)), np.zeros((2, 2)))
+    with pytest.raises(ValueError, match=r"masks\[1\]: integer values must lie in \[0, 255\]"):
+        pro([np.zeros((2, 2), int), np.full((3, 2), 256)], maps)
+    with pytest.raises(ValueError, match="labels must be 0 .normal. or 1 .anomalous."):
+        image_ap([0, 2], [0.1, 0.2])
+    with pytest.raises(ValueError, match="labels and scores must be 1-D of equal length"):
+        image_auroc([0, 1], [0.1, 0.2, 0.3])
+    for limit in (0, 1.5):
+        with pytest.raises(ValueError, match=r"fpr_limit must be in \(0, 1\]"):
+            pro(masks, maps, fpr_limit=limit)

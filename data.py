@@ -1,0 +1,616 @@
+"""Datasets and the anomaly synthesizer of DiffusionAD (paper Sec. 3.3, Fig. 4, Eq. 9).
+
+Layouts, auto-detected from ``open_dataset(path, split, img_size)`` with path = ROOT/CLASS:
+
+* MVTec AD (also MPDD, BTAD, magnetic tile...): ``CLASS/train/good/*``, ``CLASS/test/<defect|good>/*``,
+  ``CLASS/ground_truth/<defect>/<stem>_mask.png``.
+* VisA "1cls" (prepared): the same tree with ``test/{good,bad}`` and ``ground_truth/bad/<stem>.png``.
+* VisA raw release: ``ROOT/CLASS/Data/Images/{Normal,Anomaly}/*.JPG``, ``ROOT/CLASS/Data/Masks/...``;
+  the split is read from ``ROOT/split_csv/1cls.csv`` (columns object,split,label,image,mask).
+* DAGM 2007: ``ClassN/{Train,Test}/NNNN.PNG``, ``ClassN/{Train,Test}/Label/Labels.txt`` (a header
+  line, then ``id flag image 0 label-or-0``) and ``Label/NNNN_label.PNG``. Training uses only Train
+  images flagged 0; the test split is all of Test.
+* ``synthetic`` (= ``synthetic/texture``, a woven surface) or ``synthetic/object`` (a washer with an
+  orientation dot; it provides its exact foreground masks): made by code, in memory, deterministic.
+  200 train normals (random phase, orientation, colour, brightness, grain), 30 good + 30 anomalous
+  test images with scratches, spots, missing pieces and stains -- a different process from the
+  training synthesizer -- with exact masks. ~0.2 s for all 260 images at 64 px, cached per object.
+
+Items are dicts: ``image`` float32 3xHxW in **[0, 1]** (the one pixel range; a model wanting [-1, 1]
+maps it itself), ``mask`` float32 1xHxW of 0/1, ``label`` 0/1, ``defect`` ("good" for good), ``path``.
+Any PIL mode is read (16-bit scaled by 65535); grayscale becomes 3 equal channels; images are resized
+bilinearly to img_size x img_size, masks binarised at native size (non-zero = defect) then resized
+nearest. Labels come from the layout (folder, CSV, Labels.txt), so an anomalous image whose mask is
+empty keeps label 1. Only files with an image extension count; a listed file that is missing or
+unreadable is an error, never skipped. Datasets carry ``name``, ``category`` (class) and ``layout``.
+
+Synthesizer (``synthesize`` / ``TrainSet``): M = Perlin mask x foreground F. Perlin noise (scaled by
+sqrt 2 to about +-1) with 2^a x 2^b cells, a, b uniform in 0..5 (fewer below 256 px so that a cell
+stays >= 8 px: 0..3 at 64), randomly rotated, thresholded at ``PERLIN_THRESHOLD`` = 0.5: blobs cover
+~5 % of the image on average; an empty mask is redrawn (after 10 tries: the top 10 % of the noise in F).
+Foreground F ("auto" resolves in this order): ``mask`` = files ``CLASS/foreground/<image stem>.*``
+(non-zero = foreground) when that folder exists; ``texture`` = a random rectangle (sides 50-100 % of
+the image) for MVTec's carpet/grid/leather/tile/wood and for DAGM; ``object`` for the MVTec and VisA
+object classes = pixels whose colour differs from the median border colour by more than an Otsu
+threshold, opened and hole-filled; other classes get ``object`` when on most of 8 sampled training
+images the border is uniform and the estimate covers 3-90 % of the image, else ``texture``; ``none``
+= the whole image. A missing or empty (< 0.5 %) foreground falls back to the whole image with one
+warning. The choice is ``TrainSet(foreground=...)``, else ``open_dataset(foreground=...)``, else "auto".
+Anomaly source A: 2 distinct ops from {equalize, sharpness (amount 0.5-2), auto-contrast (cut-off
+0-10 %), solarize (threshold 32-128/255), posterize (1-4 bits), invert, gamma (0.5-2 per channel)}
+applied to the image itself or to a random texture from ``texture_dir``, then cut into an 8x8 grid
+of tiles that are randomly permuted. Eq. 9: S = beta M N + (1 - beta) M A + (1 - M) N with beta
+uniform in ``BETA_RANGE`` = [0, 0.8). All randomness of item i in epoch e comes from
+``np.random.default_rng((seed, e, i))``, so batches do not depend on the number of workers.
+
+CLI: ``python data.py preview --data PATH --out grid.png [--n 8 --img-size 256 --seed 0]`` writes rows
+N | A | M | S (M panel: white = anomaly mask, grey = foreground).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from scipy import ndimage
+from torch.utils.data import Dataset
+
+IMG_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+TEXTURE_CLASSES = {"carpet", "grid", "leather", "tile", "wood"}
+OBJECT_CLASSES = {"bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill", "screw", "toothbrush",
+                  "transistor", "zipper", "candle", "capsules", "cashew", "chewinggum", "fryum",
+                  "macaroni1", "macaroni2", "pcb1", "pcb2", "pcb3", "pcb4", "pipe_fryum"}
+FOREGROUNDS = ("auto", "mask", "texture", "object", "none")
+BETA_RANGE = (0.0, 0.8)
+PERLIN_THRESHOLD = 0.5
+
+
+# ----------------------------------------------------------------------------- images and masks
+def _open(path) -> Image.Image:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file not found: {path}")
+    try:
+        im = Image.open(path)
+        im.load()                                   # decodes fully: truncated files fail here
+    except Exception as e:                          # PIL raises OSError, SyntaxError, ValueError...
+        raise ValueError(f"cannot read image {path}: {e}") from None
+    return im
+
+
+def _rgb(im: Image.Image, size: int) -> np.ndarray:
+    """Any PIL mode -> float32 size x size x 3 in [0, 1] (bilinear); grayscale -> 3 equal channels."""
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):        # 16/32-bit integer or float gray
+        a = np.asarray(im, dtype=np.float32)
+        a = a / (65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0 if a.max() > 1 else 1.0)
+        im = Image.fromarray(np.clip(a, 0, 1), "F")
+    elif im.mode in ("1", "L", "LA"):
+        im = im.convert("L")
+    else:                                                          # P, RGBA, CMYK, YCbCr... alpha dropped
+        im = (im.convert("RGBA") if im.mode == "P" else im).convert("RGB")
+    a = np.asarray(im.resize((size, size), Image.BILINEAR), dtype=np.float32)
+    a = a / 255 if im.mode != "F" else a
+    return np.repeat(a[..., None], 3, axis=2) if a.ndim == 2 else a
+
+
+def _binary(im: Image.Image, size: int) -> np.ndarray:
+    """Mask image -> float32 HxW of 0/1: non-zero at native resolution, then nearest resize."""
+    a = np.asarray(im)
+    if a.ndim == 3:
+        a = a[..., :3] if a.shape[2] >= 3 else a[..., :1]   # ignore alpha
+        a = a.any(axis=2)
+    m = Image.fromarray((a != 0).astype(np.uint8) * 255).resize((size, size), Image.NEAREST)
+    return (np.asarray(m) > 0).astype(np.float32)
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMG_EXTS) if folder.is_dir() else []
+
+
+def load_image(path, img_size: int) -> torch.Tensor:
+    """A user's image as the model sees it: float32 3xHxW in [0, 1]; errors name the file."""
+    return torch.from_numpy(np.ascontiguousarray(_rgb(_open(path), img_size).transpose(2, 0, 1)))
+
+
+def _item(img, mask, label, defect, path) -> dict:
+    return {"image": torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32)),
+            "mask": torch.from_numpy(np.ascontiguousarray(mask[None], dtype=np.float32)),
+            "label": int(label), "defect": defect, "path": str(path)}
+
+
+# ----------------------------------------------------------------------------- datasets on disk
+class ImageDataset(Dataset):
+    """Records (image, mask or None, label, defect) read lazily. Attributes: ``name`` (dataset folder),
+    ``category`` (class), ``layout``, ``fg_kind`` (foreground rule for "auto", None = estimate)."""
+
+    def __init__(self, records, img_size, root: Path, layout: str, foreground="auto"):
+        self.records, self.img_size, self.root, self.layout = records, int(img_size), root, layout
+        self.name, self.category, self.foreground = root.parent.name or "data", root.name, foreground
+        self.fg_dir = root / "foreground"
+        self.has_fg_masks = self.fg_dir.is_dir()
+        self.fg_kind = ("mask" if self.has_fg_masks else "texture"
+                        if layout == "dagm" or root.name.lower() in TEXTURE_CLASSES else
+                        "object" if root.name.lower() in OBJECT_CLASSES else None)
+        self._warned = False
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        path, mpath, label, defect = self.records[i]
+        im = _open(path)
+        mask = np.zeros((self.img_size, self.img_size), np.float32)
+        if mpath is not None:
+            m = _open(mpath)
+            if m.size != im.size and not self._warned:
+                self._warned = True
+                warnings.warn(f"mask {mpath} is {m.size[0]}x{m.size[1]} but its image {path} is "
+                              f"{im.size[0]}x{im.size[1]}; resizing (warned once per dataset)", stacklevel=2)
+            mask = _binary(m, self.img_size)
+        return _item(_rgb(im, self.img_size), mask, label, defect, path)
+
+    def foreground_mask(self, i):
+        """Bool HxW from ``CLASS/foreground/<stem>.*``, or None when there is no such file."""
+        stem = Path(self.records[i][0]).stem
+        files = [p for p in sorted(self.fg_dir.glob(stem + ".*")) if p.suffix.lower() in IMG_EXTS]
+        return _binary(_open(files[0]), self.img_size) > 0 if files else None
+
+
+def _mvtec(root: Path, split: str):
+    if not ((root / "train").is_dir() and (root / "test").is_dir()):
+        return None
+    layout = "visa-1cls" if (root / "test" / "bad").is_dir() else "mvtec"
+    if split == "train":
+        return [(p, None, 0, "good") for p in _images(root / "train" / "good")], layout
+    recs = []
+    for d in sorted(p for p in (root / "test").iterdir() if p.is_dir()):
+        gt = root / "ground_truth" / d.name
+        masks = {m.stem.removesuffix("_mask"): m for m in sorted(_images(gt), key=lambda p: p.stem.endswith("_mask"))}
+        for p in _images(d):
+            if d.name == "good":
+                recs.append((p, None, 0, "good"))
+            elif p.stem in masks:
+                recs.append((p, masks[p.stem], 1, d.name))
+            else:
+                raise FileNotFoundError(f"anomalous test image {p} has no mask: expected "
+                                        f"{gt / (p.stem + '_mask.png')} or {gt / (p.stem + '.png')}")
+    return recs, layout
+
+
+def _visa_raw(root: Path, split: str):
+    if not (root / "Data" / "Images").is_dir():
+        return None
+    csv_path = root.parent / "split_csv" / "1cls.csv"
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"{root} looks like the raw VisA release (Data/Images) but the split file "
+                                f"{csv_path} is missing; copy split_csv/ from the VisA release next to {root.name}/")
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        if not {"object", "split", "label", "image", "mask"} <= set(reader.fieldnames or ()):
+            raise ValueError(f"{csv_path}: expected columns object,split,label,image,mask, found {reader.fieldnames}")
+        rows = [r for r in reader]
+    mine = [r for r in rows if r["object"] == root.name]
+    if not mine:
+        have = sorted({r["object"] for r in rows})
+        raise ValueError(f"{csv_path} has no rows for class {root.name!r}; it has {have}")
+    recs = []
+    for r in mine:
+        label = 0 if r["label"] == "normal" else 1
+        if r["split"] != split or (split == "train" and label):
+            continue
+        img, mask = root.parent / r["image"], (root.parent / r["mask"] if r["mask"] else None)
+        if label and mask is None:
+            raise ValueError(f"{csv_path}: anomalous image {r['image']} has no mask")
+        for p in (img, mask):
+            if p is not None and not p.is_file():
+                raise FileNotFoundError(f"{csv_path} lists {p}, which does not exist")
+        recs.append((img, mask, label, "good" if label == 0 else r["label"]))
+    return recs, "visa-raw"
+
+
+def _dagm(root: Path, split: str):
+    if not any((root / s / "Label" / "Labels.txt").is_file() for s in ("Train", "Test")):
+        return None
+    sub = root / ("Train" if split == "train" else "Test")
+    labels = sub / "Label" / "Labels.txt"
+    if not labels.is_file():
+        raise FileNotFoundError(f"DAGM layout: {labels} is missing")
+    recs, listed = [], set()
+    for n, line in enumerate(labels.read_text().splitlines()[1:], start=2):   # line 1 is a header
+        f = line.split()
+        if not f:
+            continue
+        if len(f) != 5 or f[1] not in ("0", "1"):
+            raise ValueError(f"{labels}:{n}: expected 'id flag image 0 label-or-0', got {line!r}")
+        img, flag = sub / f[2], int(f[1])
+        listed.add(f[2])
+        if not img.is_file():
+            raise FileNotFoundError(f"{labels}:{n} lists {img}, which does not exist")
+        mask = sub / "Label" / f[4] if flag else None
+        if flag and (f[4] == "0" or not mask.is_file()):
+            raise FileNotFoundError(f"defective DAGM image {img} has no mask ({labels}:{n} names {f[4]!r})")
+        if not (split == "train" and flag):     # the unsupervised setting: defective Train never used
+            recs.append((img, mask, flag, "defect" if flag else "good"))
+    unlisted = sorted(p.name for p in _images(sub) if p.name not in listed)
+    if unlisted:
+        raise ValueError(f"{sub}: {len(unlisted)} images not listed in {labels}, e.g. {unlisted[:3]}")
+    return recs, "dagm"
+
+
+def open_dataset(path, split: str, img_size: int, foreground: str = "auto") -> Dataset:
+    """The train (normal only) or test split of the dataset at ``path`` (see module docstring)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if foreground not in FOREGROUNDS:
+        raise ValueError(f"foreground must be one of {FOREGROUNDS}, got {foreground!r}")
+    s = str(path).rstrip("/")
+    if s == "synthetic" or s.startswith("synthetic/"):
+        return SyntheticSet(split, img_size, s.partition("/")[2] or "texture", foreground)
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        parent = root.parent
+        if root.exists():
+            raise ValueError(f"dataset path {root} is not a folder")
+        if parent.is_dir() and str(parent) not in ("", "."):
+            have = sorted(p.name for p in parent.iterdir() if p.is_dir())
+            raise FileNotFoundError(f"class folder {root} does not exist; {parent} contains {have[:30]}")
+        raise FileNotFoundError(f"dataset folder {root} does not exist")
+    for reader in (_mvtec, _visa_raw, _dagm):
+        found = reader(root, split)
+        if found is not None:
+            break
+    else:
+        subs = sorted(p.name for p in root.iterdir() if p.is_dir())
+        raise ValueError(f"{root} matches no known layout; tried: MVTec AD / VisA 1cls (train/good + test/), "
+                         "VisA raw (Data/Images + ../split_csv/1cls.csv), DAGM 2007 (Train|Test/Label/Labels.txt), "
+                         f"'synthetic'. It contains "
+                         f"{subs[:20]}; pass ROOT/CLASS (for example mvtec/bottle), not ROOT.")
+    records, layout = found
+    if not records:
+        raise ValueError(f"empty {split} set: no images found in {root} ({layout} layout)")
+    return ImageDataset(records, img_size, root, layout, foreground)
+
+
+# ----------------------------------------------------------------------------- synthesizer
+def perlin(shape, res, rng, angle=0.0) -> np.ndarray:
+    """Gradient (Perlin) noise with res = (ry, rx) cells across the image, rotated by angle; about +-1."""
+    H, W = shape
+    ys = (np.arange(H, dtype=np.float32)[:, None] + 0.5) / H - 0.5
+    xs = (np.arange(W, dtype=np.float32)[None, :] + 0.5) / W - 0.5
+    c, s = np.float32(math.cos(angle)), np.float32(math.sin(angle))
+    py, px = (xs * s + ys * c) * np.float32(res[0]), (xs * c - ys * s) * np.float32(res[1])  # lattice units
+    y0, x0 = np.floor(py), np.floor(px)
+    fy, fx = py - y0, px - x0
+    j, i = (y0 - y0.min()).astype(np.int32), (x0 - x0.min()).astype(np.int32)
+    tx = int(i.max()) + 2
+    theta = rng.uniform(0, 2 * np.pi, (int(j.max()) + 2) * tx)      # one random gradient per lattice point
+    g = np.stack([np.sin(theta), np.cos(theta)], 1).astype(np.float32).view(np.complex64).ravel()
+    k = j * tx + i
+
+    def dot(k, dy, dx):
+        v = np.take(g, k)
+        return v.real * dy + v.imag * dx
+    n00, n01 = dot(k, fy, fx), dot(k + 1, fy, fx - 1)
+    n10, n11 = dot(k + tx, fy - 1, fx), dot(k + tx + 1, fy - 1, fx - 1)
+    uy, ux = [t * t * t * (t * (t * 6 - 15) + 10) for t in (fy, fx)]   # fade curve
+    top, bot = n00 + ux * (n01 - n00), n10 + ux * (n11 - n10)
+    return np.float32(math.sqrt(2)) * (top + uy * (bot - top))       # scaled to about +-1
+
+
+def _u8(x):
+    return (np.clip(x, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def _equalize(x, rng):
+    q, out = _u8(x), np.empty_like(x)
+    for c in range(3):
+        cdf = np.cumsum(np.bincount(q[..., c].ravel(), minlength=256))
+        lo = cdf[np.flatnonzero(cdf)[0]]
+        lut = (cdf - lo) / max(cdf[-1] - lo, 1)
+        out[..., c] = lut[q[..., c]] if cdf[-1] > lo else x[..., c]
+    return out
+
+
+def _autocontrast(x, rng):
+    q, cut, out = _u8(x), rng.uniform(0, 0.1), np.empty_like(x)
+    for c in range(3):
+        cdf = np.cumsum(np.bincount(q[..., c].ravel(), minlength=256))
+        lo, hi = np.searchsorted(cdf, [cut * cdf[-1], (1 - cut) * cdf[-1]]) / 255
+        out[..., c] = np.clip((x[..., c] - lo) / max(hi - lo, 1 / 255), 0, 1)
+    return out
+
+
+AUGMENTATIONS = {
+    "equalize": _equalize,
+    "sharpness": lambda x, r: np.clip(x + r.uniform(0.5, 2.0) * (x - ndimage.uniform_filter(x, (3, 3, 1))), 0, 1),
+    "autocontrast": _autocontrast,
+    "solarize": lambda x, r: np.where(x >= r.uniform(32, 128) / 255, 1 - x, x),
+    "posterize": lambda x, r: (_u8(x) & np.uint8((0xFF << (8 - int(r.integers(1, 5)))) & 0xFF)) / np.float32(255),
+    "invert": lambda x, r: 1 - x,
+    "gamma": lambda x, r: x ** r.uniform(0.5, 2.0, 3).astype(np.float32),
+}
+
+
+def augment(x, rng, n_ops=2) -> np.ndarray:
+    """n_ops distinct random operations from AUGMENTATIONS, in random order."""
+    names = list(AUGMENTATIONS)
+    for k in rng.choice(len(names), n_ops, replace=False):
+        x = AUGMENTATIONS[names[k]](x, rng).astype(np.float32)
+    return x
+
+
+def shuffle_tiles(x, rng, grid=8) -> np.ndarray:
+    """Cut into grid x grid tiles, permute them randomly (edge rows/columns beyond a multiple stay)."""
+    H, W, C = x.shape
+    th, tw = H // grid, W // grid
+    if th == 0 or tw == 0:
+        return x
+    out = x.copy()
+    tiles = x[:grid * th, :grid * tw].reshape(grid, th, grid, tw, C).swapaxes(1, 2).reshape(-1, th, tw, C)
+    tiles = tiles[rng.permutation(grid * grid)]
+    out[:grid * th, :grid * tw] = tiles.reshape(grid, grid, th, tw, C).swapaxes(1, 2).reshape(grid * th, grid * tw, C)
+    return out
+
+
+def synthesize(image, fg_mask, rng, texture=None, beta_range=BETA_RANGE, threshold=PERLIN_THRESHOLD,
+               details=False):
+    """Eq. (9) on one normal image (HxWx3 float in [0, 1]) -> (S, M) float32 (M is HxW of 0/1).
+    fg_mask: HxW bool or None (whole image). details=True returns (S, M, A, beta)."""
+    N = np.asarray(image, np.float32)
+    H, W = N.shape[:2]
+    F = np.ones((H, W), bool) if fg_mask is None else np.asarray(fg_mask, bool)
+    if not F.any():
+        raise ValueError("synthesize: empty foreground mask")
+    top = int(np.clip(np.log2(min(H, W) / 8), 0, 5))            # 2^0..2^5 at 256; cells >= 8 px
+    for _ in range(10):                                         # an empty mask is redrawn
+        res = (2 ** int(rng.integers(0, top + 1)), 2 ** int(rng.integers(0, top + 1)))
+        noise = perlin((H, W), res, rng, rng.uniform(-np.pi / 2, np.pi / 2))
+        M = (noise > threshold) & F
+        if M.any():
+            break
+    else:
+        M = F & (noise >= np.quantile(noise[F], 0.9))
+    A = shuffle_tiles(augment(N if texture is None else np.asarray(texture, np.float32), rng), rng)
+    beta = float(rng.uniform(*beta_range))
+    m = M[..., None].astype(np.float32)
+    S = (beta * (m * N) + (1 - beta) * (m * A) + (1 - m) * N).astype(np.float32)   # Eq. (9)
+    return (S, M.astype(np.float32), A, beta) if details else (S, M.astype(np.float32))
+
+
+def _otsu(v: np.ndarray) -> float:
+    h, edges = np.histogram(v, bins=64, range=(0, 1))
+    w0 = np.cumsum(h)[:-1].astype(np.float64)
+    mids = (edges[:-1] + edges[1:]) / 2
+    m0 = np.cumsum(h * mids)[:-1]
+    w1, total = h.sum() - w0, (h * mids).sum()
+    between = np.where((w0 > 0) & (w1 > 0), (total * w0 - m0 * h.sum()) ** 2 / np.maximum(w0 * w1, 1), 0)
+    return float(edges[1:][np.argmax(between)])
+
+
+def estimate_foreground(img: np.ndarray) -> tuple[np.ndarray, bool]:
+    """(foreground, border_is_uniform): colour distance to the median border colour > Otsu threshold."""
+    b = max(1, min(img.shape[:2]) // 16)
+    ring = np.concatenate([img[:b].reshape(-1, 3), img[-b:].reshape(-1, 3),
+                           img[:, :b].reshape(-1, 3), img[:, -b:].reshape(-1, 3)])
+    ref = np.median(ring, axis=0)
+    d = np.abs(img - ref)
+    d = np.maximum(np.maximum(d[..., 0], d[..., 1]), d[..., 2])
+    fg = d > max(_otsu(d), 0.05)
+    fg = ndimage.binary_fill_holes(ndimage.binary_opening(fg, np.ones((3, 3), bool), iterations=2))
+    return fg, float(np.quantile(np.abs(ring - ref).max(axis=1), 0.9)) < 0.08
+
+
+class TrainSet(Dataset):
+    """Item i: the normal image N and a synthetic anomaly S made from it, with mask M (Sec. 3.3).
+    A DataLoader batch of B items is B normal + B synthetic images (the paper's 3 + 3 = 6).
+
+    normal: a train split from open_dataset. foreground: one of FOREGROUNDS ("auto": the dataset's
+    own choice, see module docstring). texture_dir: optional folder (searched recursively) of anomaly
+    source textures, e.g. DTD. Call set_epoch(e) each epoch; randomness = default_rng((seed, e, i))."""
+
+    def __init__(self, normal, seed=0, texture_dir=None, foreground="auto", beta_range=BETA_RANGE,
+                 threshold=PERLIN_THRESHOLD):
+        if foreground not in FOREGROUNDS:
+            raise ValueError(f"foreground must be one of {FOREGROUNDS}, got {foreground!r}")
+        self.normal, self.seed, self.epoch = normal, int(seed), 0
+        self.beta_range, self.threshold, self._warned = tuple(beta_range), threshold, False
+        self.textures = []
+        if texture_dir is not None:
+            if not Path(texture_dir).is_dir():
+                raise FileNotFoundError(f"texture folder {texture_dir} does not exist")
+            self.textures = sorted(p for p in Path(texture_dir).rglob("*") if p.suffix.lower() in IMG_EXTS)
+            if not self.textures:
+                raise ValueError(f"texture folder {texture_dir} contains no images")
+        fg = foreground if foreground != "auto" else getattr(normal, "foreground", "auto")
+        if fg == "auto":
+            fg = getattr(normal, "fg_kind", None) or self._guess_kind()
+        if fg == "mask" and not getattr(normal, "has_fg_masks", False):
+            raise ValueError(f"foreground='mask' but {getattr(normal, 'fg_dir', 'this dataset')} has no "
+                             "foreground masks (expected CLASS/foreground/<image stem>.png)")
+        self.foreground, self._fg_cache = fg, {}
+
+    def _guess_kind(self) -> str:
+        idx = np.linspace(0, len(self.normal) - 1, min(8, len(self.normal))).astype(int)
+        votes = []
+        for i in idx:
+            fg, uniform = estimate_foreground(self.normal[int(i)]["image"].numpy().transpose(1, 2, 0))
+            votes.append(uniform and 0.03 < fg.mean() < 0.9)
+        return "object" if sum(votes) > len(votes) / 2 else "texture"
+
+    def set_epoch(self, epoch: int):
+        self.epoch = int(epoch)
+
+    def __len__(self):
+        return len(self.normal)
+
+    def _fallback(self, why: str):
+        if not self._warned:
+            self._warned = True
+            warnings.warn(f"foreground '{self.foreground}': {why}; using the whole image (warned once)",
+                          stacklevel=4)
+
+    def _fg(self, i, N, rng):
+        H, W = N.shape[:2]
+        if self.foreground == "texture":                        # a random rectangular part
+            h, w = int(rng.integers(H // 2, H + 1)), int(rng.integers(W // 2, W + 1))
+            y, x = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
+            F = np.zeros((H, W), bool)
+            F[y:y + h, x:x + w] = True
+            return F
+        if self.foreground == "none":
+            return np.ones((H, W), bool)
+        if i not in self._fg_cache:                             # deterministic per image: cached, packed
+            F = self.normal.foreground_mask(i) if self.foreground == "mask" else estimate_foreground(N)[0]
+            self._fg_cache[i] = None if F is None or F.mean() < 0.005 else np.packbits(F)
+            if F is None:
+                self._fallback(f"no foreground file for {self.normal[i]['path']}")
+            elif self._fg_cache[i] is None:
+                self._fallback(f"empty foreground for {self.normal[i]['path']}")
+        F = self._fg_cache[i]
+        return np.ones((H, W), bool) if F is None else np.unpackbits(F, count=H * W).reshape(H, W).astype(bool)
+
+    def sample(self, i: int) -> dict:
+        """All parts as numpy: image N, anomaly source A, foreground F, mask M, synthetic S, beta."""
+        rng = np.random.default_rng((self.seed, self.epoch, int(i)))
+        item = self.normal[int(i)]
+        N = item["image"].numpy().transpose(1, 2, 0)
+        F = self._fg(int(i), N, rng)
+        tex = _rgb(_open(self.textures[rng.integers(len(self.textures))]), N.shape[0]) if self.textures else None
+        S, M, A, beta = synthesize(N, F, rng, tex, self.beta_range, self.threshold, details=True)
+        return {"image": N, "anomaly": A, "foreground": F, "mask": M, "synthetic": S, "beta": beta,
+                "path": item["path"]}
+
+    def __getitem__(self, i):
+        p = self.sample(i)
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1), dtype=np.float32))
+        return {"image": t(p["image"]), "synthetic": t(p["synthetic"]),
+                "synthetic_mask": torch.from_numpy(p["mask"][None].copy()), "path": p["path"]}
+
+
+# ----------------------------------------------------------------------------- built-in synthetic set
+class SyntheticSet(Dataset):
+    """Deterministic in-memory set: variant "texture" (a woven surface) or "object" (a washer on a plain
+    background). train: 200 normals; test: 30 good + 30 anomalous (scratch, spot, missing, stain)."""
+    KINDS = ("scratch", "spot", "missing", "stain")
+
+    def __init__(self, split, img_size, variant="texture", foreground="auto", n_train=200, n_test_good=30,
+                 n_test_bad=30):
+        if variant not in ("texture", "object"):
+            raise ValueError(f"unknown synthetic variant {variant!r}: use synthetic/texture or synthetic/object")
+        self.split, self.n, self.variant, self.foreground = split, int(img_size), variant, foreground
+        self.name, self.category, self.layout = "synthetic", variant, "synthetic"
+        self.fg_kind = "texture" if variant == "texture" else "mask"
+        self.has_fg_masks = variant == "object"
+        self.counts = (n_train, 0) if split == "train" else (n_test_good, n_test_bad)
+        self._cache = {}
+
+    def __len__(self):
+        return sum(self.counts)
+
+    def _make(self, i):
+        n, sid = self.n, (self.split == "test") * 1
+        rng = np.random.default_rng((5, self.variant == "object", sid, i))
+        y, x = np.meshgrid(*[np.arange(n, dtype=np.float32) / n] * 2, indexing="ij")
+        noise = lambda sd: np.float32(sd * 3.46) * (rng.random((n, n, 1), np.float32) - 0.5)   # grain, std sd
+        th, f = rng.uniform(-0.15, 0.15), 8.0
+        u, v = x * math.cos(th) + y * math.sin(th), y * math.cos(th) - x * math.sin(th)
+        s1, s2 = np.sin(2 * np.pi * f * u + rng.uniform(0, 7)), np.sin(2 * np.pi * f * v + rng.uniform(0, 7))
+        g = 0.6 + 0.16 * s1 * (s2 > 0) + 0.16 * s2 * (s1 <= 0) + 0.04 * (x - 0.5) * rng.normal()
+        colour = (np.array([0.78, 0.62, 0.42]) * rng.uniform(0.9, 1.1) + rng.normal(0, 0.02, 3)).astype(np.float32)
+        img = g[..., None] * colour + noise(0.015)
+        obj, bg = np.ones((n, n), bool), None
+        if self.variant == "object":
+            bg = 0.18 + 0.02 * y[..., None] + noise(0.01)
+            cy, cx = (0.5 + rng.uniform(-0.04, 0.04, 2)).tolist()
+            r = np.hypot(y - cy, x - cx)
+            obj = (r < 0.32) & (r > 0.1)
+            a = rng.uniform(0, 2 * np.pi)                   # orientation marker: a bright dot
+            dot = np.hypot(y - cy - 0.21 * math.sin(a), x - cx - 0.21 * math.cos(a)) < 0.03
+            metal = (0.55 + 0.25 * np.cos(6 * np.pi * r))[..., None] * np.array([0.8, 0.82, 0.9], np.float32)
+            img = np.where(obj[..., None], metal * rng.uniform(0.9, 1.1), bg)
+            img[dot] = 0.95
+        mask = np.zeros((n, n), bool)
+        kind = ""
+        if i >= self.counts[0]:
+            kind = self.KINDS[(i - self.counts[0]) % 4]
+            ys, xs = np.nonzero(obj)
+            k = int(rng.integers(len(ys)))
+            c = [float(ys[k]) / n, float(xs[k]) / n]
+            a = rng.uniform(0, np.pi)
+            sa, ca = math.sin(a), math.cos(a)
+            du, dv = (y - c[0]) * sa + (x - c[1]) * ca, (y - c[0]) * ca - (x - c[1]) * sa
+            if kind == "scratch":
+                mask = (np.abs(du) < rng.uniform(0.125, 0.25)) & (np.abs(dv) < max(1.0, 0.0125 * n) / n)
+            elif kind == "spot":
+                mask = (du / rng.uniform(0.04, 0.09)) ** 2 + (dv / rng.uniform(0.04, 0.09)) ** 2 < 1
+            elif kind == "missing":
+                mask = (np.abs(du) < rng.uniform(0.05, 0.1)) & (np.abs(dv) < rng.uniform(0.03, 0.07))
+            else:
+                for _ in range(3):
+                    o = (c + rng.uniform(-0.06, 0.06, 2)).tolist()
+                    mask |= np.hypot(y - o[0], x - o[1]) < rng.uniform(0.04, 0.08)
+            mask &= obj                                 # exact: only changed pixels are marked
+            if kind == "scratch":
+                img[mask] = 0.06 if rng.random() < 0.5 else 0.97
+            elif kind == "spot":
+                img[mask] = img[mask] * 0.3 + np.array([0.12, 0.08, 0.05])
+            elif kind == "missing":
+                img[mask] = bg[mask] if self.variant == "object" else 0.04
+            else:
+                img[mask] *= np.array([1.25, 0.75, 0.45]) if rng.random() < 0.5 else np.array([0.45, 0.7, 1.25])
+        return _u8(img), mask, obj, kind
+
+    def _get(self, i):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        if i not in self._cache:
+            self._cache[i] = self._make(i)
+        return self._cache[i]
+
+    def __getitem__(self, i):
+        img, mask, _, kind = self._get(int(i))
+        return _item(img.astype(np.float32) / 255, mask.astype(np.float32), int(mask.any()), kind or "good",
+                     f"synthetic/{self.variant}/{self.split}/{int(i):04d}")
+
+    def foreground_mask(self, i):
+        return self._get(int(i))[2] if self.variant == "object" else None
+
+
+# ----------------------------------------------------------------------------- CLI
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="data.py", description="Look at the data DiffusionAD trains on.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("preview", help="write a grid of N | A | M | S rows (paper Fig. 4) as one PNG")
+    p.add_argument("--data", required=True, help="ROOT/CLASS or 'synthetic'")
+    p.add_argument("--out", required=True, help="output PNG")
+    p.add_argument("--n", type=int, default=8, help="rows")
+    p.add_argument("--img-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--texture-dir", default=None, help="anomaly source textures (e.g. DTD)")
+    p.add_argument("--foreground", default="auto", choices=FOREGROUNDS)
+    args = ap.parse_args(argv)
+    try:
+        ts = TrainSet(open_dataset(args.data, "train", args.img_size), seed=args.seed,
+                      texture_dir=args.texture_dir, foreground=args.foreground)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"data.py preview: {e}")
+    idx = np.random.default_rng(args.seed).choice(len(ts), min(args.n, len(ts)), replace=False)
+    gap = np.ones((args.img_size, 4, 3), np.float32)
+    rows = []
+    for i in idx:
+        s = ts.sample(int(i))
+        m = np.repeat((0.3 * s["foreground"] + 0.7 * s["mask"])[..., None], 3, axis=2)
+        row = [s["image"], gap, s["anomaly"], gap, m, gap, s["synthetic"]]
+        rows += [np.concatenate(row, axis=1), np.ones((4, row[0].shape[1] * 4 + 12, 3), np.float32)]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(_u8(np.concatenate(rows[:-1]))).save(args.out)
+    print(f"wrote {args.out}: {len(idx)} rows of N | A | M | S, foreground '{ts.foreground}'")
+
+
+if __name__ == "__main__":
+    main()

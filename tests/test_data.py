@@ -1,0 +1,550 @@
+"""Tests for data.py: every layout on small trees built here, every bad-input error, the synthesizer's
+properties, TrainSet determinism, the built-in synthetic set, the preview CLI, and the real data in
+../shared/data (skipped when absent)."""
+import csv
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy import ndimage
+
+import data
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+# ---------------------------------------------------------------- helpers: tiny trees in tmp_path
+def save(path, arr, mode=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.fromarray(np.asarray(arr)) if mode is None else Image.fromarray(np.asarray(arr)).convert(mode)
+    im.save(path)
+    return path
+
+
+def gray(seed, size=64):
+    return (np.random.default_rng(seed).random((size, size)) * 80 + 40).astype(np.uint8)
+
+
+def with_square(seed, size=64):
+    """A gray image with a white square at rows 16:32, cols 8:40, and its mask."""
+    img, mask = gray(seed, size), np.zeros((size, size), np.uint8)
+    img[16:32, 8:40], mask[16:32, 8:40] = 255, 255
+    return img, mask
+
+
+def make_mvtec(root, n_train=3, defect="crack", mask_name="{}_mask.png", good="good"):
+    for i in range(n_train):
+        save(root / "train" / "good" / f"{i:03d}.png", gray(i))
+    for i in range(2):
+        save(root / "test" / good / f"{i:03d}.png", gray(10 + i))
+        img, mask = with_square(20 + i)
+        save(root / "test" / defect / f"{i:03d}.png", img)
+        save(root / "ground_truth" / defect / mask_name.format(f"{i:03d}"), mask)
+    return root
+
+
+def make_visa_raw(base, obj="pcb1"):
+    rows = [["object", "split", "label", "image", "mask"]]
+    for i in range(3):
+        rows.append([obj, "train", "normal", f"{obj}/Data/Images/Normal/{i:04d}.JPG", ""])
+        save(base / obj / "Data" / "Images" / "Normal" / f"{i:04d}.JPG", gray(i), "RGB")
+    for i in range(3, 5):
+        rows.append([obj, "test", "normal", f"{obj}/Data/Images/Normal/{i:04d}.JPG", ""])
+        save(base / obj / "Data" / "Images" / "Normal" / f"{i:04d}.JPG", gray(i), "RGB")
+    for i in range(2):
+        img, mask = with_square(i)
+        rows.append([obj, "test", "anomaly", f"{obj}/Data/Images/Anomaly/{i:03d}.JPG",
+                     f"{obj}/Data/Masks/Anomaly/{i:03d}.png"])
+        save(base / obj / "Data" / "Images" / "Anomaly" / f"{i:03d}.JPG", img, "RGB")
+        save(base / obj / "Data" / "Masks" / "Anomaly" / f"{i:03d}.png", (mask > 0).astype(np.uint8) * 38)
+    rows.append([obj, "train", "anomaly", rows[-1][3], rows[-1][4]])       # never trained on
+    rows.append(["candle", "train", "normal", "candle/Data/Images/Normal/0000.JPG", ""])  # other class, absent
+    (base / "split_csv").mkdir(parents=True, exist_ok=True)
+    with open(base / "split_csv" / "1cls.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    return base / obj
+
+
+def make_dagm(root):
+    """Train: 0001, 0003 normal, 0002, 0004 defective; Test: 0005 normal, 0006, 0007 defective."""
+    for sub, ids in (("Train", range(1, 5)), ("Test", range(5, 8))):
+        lines = ["1"]                                            # the real header: just "1"
+        for i in ids:
+            defective = i in (2, 4, 6, 7)
+            img, mask = with_square(i) if defective else (gray(i), None)
+            save(root / sub / f"{i:04d}.PNG", img)
+            if defective:
+                save(root / sub / "Label" / f"{i:04d}_label.PNG", mask)
+            lines.append("\t".join([str(i), str(int(defective)), f"{i:04d}.PNG", "0",
+                                    f"{i:04d}_label.PNG" if defective else "0"]))
+        (root / sub / "Label").mkdir(parents=True, exist_ok=True)
+        (root / sub / "Label" / "Labels.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def expected_square(size):                                       # with_square's mask at img_size `size`
+    m = np.zeros((size, size), np.float32)
+    s = size / 64
+    m[int(16 * s):int(32 * s), int(8 * s):int(40 * s)] = 1
+    return m
+
+
+# ---------------------------------------------------------------- layouts
+def check_test_split(ds, n_good, n_bad, size=32):
+    assert len(ds) == n_good + n_bad
+    items = [ds[i] for i in range(len(ds))]
+    assert sum(it["label"] for it in items) == n_bad
+    for it in items:
+        assert it["image"].shape == (3, size, size) and it["image"].dtype == torch.float32
+        assert it["mask"].shape == (1, size, size) and set(it["mask"].unique().tolist()) <= {0.0, 1.0}
+        assert 0 <= it["image"].min() and it["image"].max() <= 1
+        if it["label"]:
+            assert it["defect"] != "good"
+            np.testing.assert_array_equal(it["mask"][0].numpy(), expected_square(size))
+            assert it["image"][:, 9:15, 5:19].min() > 0.9        # the white square is under the mask
+        else:
+            assert it["defect"] == "good" and it["mask"].sum() == 0
+    return items
+
+
+def test_mvtec_layout(tmp_path):
+    root = make_mvtec(tmp_path / "mvtec" / "widget")
+    train = data.open_dataset(root, "train", 32)
+    assert len(train) == 3 and train.layout == "mvtec" and (train.name, train.category) == ("mvtec", "widget")
+    assert all(train[i]["label"] == 0 and train[i]["mask"].sum() == 0 for i in range(3))
+    items = check_test_split(data.open_dataset(root, "test", 32), 2, 2)
+    assert {it["defect"] for it in items} == {"good", "crack"}
+
+
+def test_visa_1cls_layout(tmp_path):
+    root = make_mvtec(tmp_path / "visa_pytorch" / "pcb1", defect="bad", mask_name="{}.png")
+    assert data.open_dataset(root, "train", 32).layout == "visa-1cls"
+    check_test_split(data.open_dataset(root, "test", 32), 2, 2)
+
+
+def test_visa_raw_layout_with_csv(tmp_path):
+    root = make_visa_raw(tmp_path / "VisA")
+    train = data.open_dataset(root, "train", 32)
+    assert len(train) == 3 and train.layout == "visa-raw"
+    assert all("Normal" in train[i]["path"] for i in range(3))
+    check_test_split(data.open_dataset(root, "test", 32), 2, 2)      # masks of value 38 count as defect
+
+
+def test_dagm_layout_never_trains_on_defective(tmp_path):
+    root = make_dagm(tmp_path / "dagm" / "Class1")
+    train = data.open_dataset(root, "train", 32)
+    assert sorted(Path(train[i]["path"]).name for i in range(len(train))) == ["0001.PNG", "0003.PNG"]
+    assert train.layout == "dagm" and train.fg_kind == "texture"
+    items = check_test_split(data.open_dataset(root, "test", 32), 1, 2)
+    assert all(torch.equal(it["image"][0], it["image"][1]) for it in items)     # gray -> 3 equal channels
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "I;16", "1", "LA"])
+def test_any_pil_mode_and_size(tmp_path, mode):
+    root = tmp_path / "c"
+    arr = gray(0, 48)[:, :40]                                   # not square, not the target size
+    if mode == "I;16":                                          # 16-bit PNG
+        (root / "train" / "good").mkdir(parents=True)
+        im = Image.fromarray(arr.astype(np.uint16) * 257)
+        assert im.mode == "I;16"
+        im.save(root / "train" / "good" / "a.png")
+    else:
+        save(root / "train" / "good" / "a.png", arr, mode)
+    (root / "test" / "good").mkdir(parents=True)
+    img = data.open_dataset(root, "train", 16)[0]["image"]
+    assert img.shape == (3, 16, 16) and img.dtype == torch.float32 and 0 <= img.min() <= img.max() <= 1
+    if mode not in ("RGBA", "RGB", "P"):
+        assert torch.equal(img[0], img[2])
+    if mode in ("L", "I;16", "RGB"):                           # 16-bit scaled by 65535 like 8-bit by 255
+        assert abs(img.mean().item() - arr.mean() / 255) < 0.01
+
+
+def test_load_image(tmp_path):
+    t = data.load_image(save(tmp_path / "x.jpg", gray(0, 30), "RGB"), 24)
+    assert t.shape == (3, 24, 24) and t.dtype == torch.float32 and 0 <= t.min() <= t.max() <= 1
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="bad.png"):
+        data.load_image(tmp_path / "bad.png", 24)
+    with pytest.raises(FileNotFoundError, match="nothere.png"):
+        data.load_image(tmp_path / "nothere.png", 24)
+
+
+# ---------------------------------------------------------------- bad input: clear errors naming the path
+def test_missing_root_and_class(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        data.open_dataset(tmp_path / "nowhere" / "cls", "train", 32)
+    make_mvtec(tmp_path / "mvtec" / "bottle")
+    with pytest.raises(FileNotFoundError, match=r"(?s)bottel.*bottle"):       # says what exists
+        data.open_dataset(tmp_path / "mvtec" / "bottel", "train", 32)
+
+
+def test_unknown_layout_says_what_was_tried(tmp_path):
+    (tmp_path / "weird" / "stuff").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"(?s)weird.*no known layout.*MVTec.*VisA.*DAGM"):
+        data.open_dataset(tmp_path / "weird", "train", 32)
+    make_mvtec(tmp_path / "mvtec" / "bottle")
+    with pytest.raises(ValueError, match="ROOT/CLASS"):                        # the root instead of a class
+        data.open_dataset(tmp_path / "mvtec", "train", 32)
+
+
+def test_empty_training_set(tmp_path):
+    root = make_mvtec(tmp_path / "c", n_train=0)
+    (root / "train" / "good").mkdir(parents=True, exist_ok=True)
+    with pytest.raises(ValueError, match=r"empty train set.*c"):
+        data.open_dataset(root, "train", 32)
+
+
+def test_truncated_and_unreadable_images(tmp_path):
+    root = make_mvtec(tmp_path / "c")
+    good = root / "train" / "good" / "000.png"
+    big = save(tmp_path / "big.png", (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8))
+    good.write_bytes(big.read_bytes()[:-400])                                  # truncated
+    (root / "train" / "good" / "001.png").write_bytes(b"\x89PNG garbage")     # unreadable
+    ds = data.open_dataset(root, "train", 32)
+    for i, name in ((0, "000.png"), (1, "001.png")):
+        with pytest.raises(ValueError, match=name):
+            ds[i]
+
+
+def test_anomalous_image_without_mask(tmp_path):
+    root = make_mvtec(tmp_path / "c")
+    (root / "ground_truth" / "crack" / "001_mask.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"crack/001.png has no mask"):
+        data.open_dataset(root, "test", 32)
+    assert len(data.open_dataset(root, "train", 32)) == 3                      # training does not need masks
+
+
+def test_mask_size_mismatch_warns_once_and_resizes(tmp_path):
+    root = make_mvtec(tmp_path / "c")
+    for i in range(2):                                           # masks at half resolution
+        m = Image.open(root / "ground_truth" / "crack" / f"00{i}_mask.png").resize((32, 32), Image.NEAREST)
+        m.save(root / "ground_truth" / "crack" / f"00{i}_mask.png")
+    ds = data.open_dataset(root, "test", 32)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        items = [ds[i] for i in range(len(ds))]
+    assert len(w) == 1 and "000_mask.png" in str(w[0].message)
+    for it in items:
+        if it["label"]:
+            np.testing.assert_array_equal(it["mask"][0].numpy(), expected_square(32))
+
+
+def test_visa_csv_lists_missing_file_and_missing_csv(tmp_path):
+    root = make_visa_raw(tmp_path / "VisA")
+    (root / "Data" / "Masks" / "Anomaly" / "001.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"1cls.csv lists .*001.png"):
+        data.open_dataset(root, "test", 32)
+    (tmp_path / "VisA" / "split_csv" / "1cls.csv").unlink()
+    with pytest.raises(FileNotFoundError, match=r"split_csv/1cls.csv"):
+        data.open_dataset(root, "train", 32)
+
+
+def test_visa_csv_without_class_or_columns(tmp_path):
+    root = make_visa_raw(tmp_path / "VisA", obj="pcb2")
+    csv_path = tmp_path / "VisA" / "split_csv" / "1cls.csv"
+    csv_path.write_text(csv_path.read_text().replace("pcb2,", "pcb9,"))
+    with pytest.raises(ValueError, match=r"no rows for class 'pcb2'"):
+        data.open_dataset(root, "train", 32)
+    csv_path.write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="expected columns"):
+        data.open_dataset(root, "train", 32)
+
+
+def test_dagm_errors(tmp_path):
+    root = make_dagm(tmp_path / "Class1")
+    (root / "Test" / "Label" / "0006_label.PNG").unlink()
+    with pytest.raises(FileNotFoundError, match="0006.PNG has no mask"):
+        data.open_dataset(root, "test", 32)
+    save(root / "Train" / "0099.PNG", gray(0))
+    with pytest.raises(ValueError, match=r"not listed in .*Labels.txt.*0099.PNG"):
+        data.open_dataset(root, "train", 32)
+    (root / "Train" / "Label" / "Labels.txt").write_text("1\n1 0 0001.PNG\n")
+    with pytest.raises(ValueError, match=r"Labels.txt:2"):
+        data.open_dataset(root, "train", 32)
+
+
+def test_bad_arguments(tmp_path):
+    root = make_mvtec(tmp_path / "c")
+    with pytest.raises(ValueError, match="split"):
+        data.open_dataset(root, "val", 32)
+    with pytest.raises(ValueError, match="foreground"):
+        data.open_dataset(root, "train", 32, foreground="blob")
+    with pytest.raises(ValueError, match="variant"):
+        data.open_dataset("synthetic/nope", "train", 32)
+
+
+# ---------------------------------------------------------------- the synthesizer (Sec. 3.3, Eq. 9)
+def normal_image(size=64, seed=0):
+    return np.random.default_rng(seed).random((size, size, 3)).astype(np.float32)
+
+
+def disk(size=64, r=0.3):
+    y, x = np.mgrid[:size, :size] / size
+    return np.hypot(y - 0.5, x - 0.5) < r
+
+
+def test_mask_binary_inside_foreground_and_outside_unchanged():
+    N, F = normal_image(), disk()
+    for seed in range(30):
+        S, M = data.synthesize(N, F, np.random.default_rng(seed))
+        assert S.dtype == np.float32 and S.shape == N.shape and M.shape == F.shape
+        assert set(np.unique(M)) <= {0.0, 1.0} and M.sum() > 0
+        assert not (M.astype(bool) & ~F).any()
+        np.testing.assert_array_equal(S[M == 0], N[M == 0])      # exactly unchanged outside M
+        assert 0 <= S.min() and S.max() <= 1
+
+
+def test_eq9_and_beta_bounds():
+    N = normal_image()
+    for seed in range(20):
+        S, M, A, beta = data.synthesize(N, None, np.random.default_rng(seed), beta_range=(0.2, 0.6), details=True)
+        assert 0.2 <= beta < 0.6
+        m = M.astype(bool)
+        np.testing.assert_allclose(S[m], beta * N[m] + (1 - beta) * A[m], atol=1e-6)
+    S, M, A, beta = data.synthesize(N, None, np.random.default_rng(0), beta_range=(0.3, 0.3), details=True)
+    m = M.astype(bool) & (np.abs(N - A).min(axis=2) > 0.2)
+    assert m.any() and beta == 0.3
+    np.testing.assert_allclose(((S - A) / (N - A))[m], 0.3, atol=1e-4)
+
+
+def test_default_beta_range_is_documented():
+    assert data.BETA_RANGE == (0.0, 0.8) and data.PERLIN_THRESHOLD == 0.5
+    betas = [data.synthesize(normal_image(16), None, np.random.default_rng(s), details=True)[3] for s in range(50)]
+    assert 0 <= min(betas) and max(betas) < 0.8 and max(betas) - min(betas) > 0.4
+
+
+def test_same_seed_same_sample_different_seed_different():
+    N, F = normal_image(), disk()
+    a = data.synthesize(N, F, np.random.default_rng(7))
+    b = data.synthesize(N, F, np.random.default_rng(7))
+    c = data.synthesize(N, F, np.random.default_rng(8))
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert not np.array_equal(a[0], c[0])
+
+
+def test_empty_mask_is_redrawn_and_empty_foreground_refused():
+    F = np.zeros((64, 64), bool)
+    F[30, 30] = True                                             # one pixel: Perlin rarely hits it
+    S, M = data.synthesize(normal_image(), F, np.random.default_rng(0), threshold=0.99)
+    assert M.sum() == 1 and M[30, 30] == 1
+    with pytest.raises(ValueError, match="empty foreground"):
+        data.synthesize(normal_image(), np.zeros((64, 64), bool), np.random.default_rng(0))
+
+
+def test_perlin_tiles_and_augmentations():
+    rng = np.random.default_rng(0)
+    noise = data.perlin((128, 96), (4, 8), rng, angle=0.4)
+    assert noise.shape == (128, 96) and -1.5 < noise.min() < -0.2 and 0.2 < noise.max() < 1.5
+    cover = [data.synthesize(normal_image(), None, np.random.default_rng(s))[1].mean() for s in range(40)]
+    assert 0.02 < np.mean(cover) < 0.15                           # Perlin blobs cover ~5 % on average
+    x = normal_image()
+    t = data.shuffle_tiles(x, rng)
+    tiles = lambda a: sorted(a.reshape(8, 8, 8, 8, 3).swapaxes(1, 2).reshape(64, -1).tolist())
+    assert not np.array_equal(t, x) and tiles(t) == tiles(x)    # a permutation of the 8x8 tiles
+    assert len(data.AUGMENTATIONS) == 7
+    for name, op in data.AUGMENTATIONS.items():
+        y = op(x, rng)
+        assert y.shape == x.shape and 0 <= y.min() and y.max() <= 1, name
+
+
+# ---------------------------------------------------------------- TrainSet
+def test_trainset_items_and_determinism():
+    normal = data.open_dataset("synthetic", "train", 32)
+    ts = data.TrainSet(normal, seed=3)
+    it = ts[5]
+    assert set(it) >= {"image", "synthetic", "synthetic_mask"}
+    assert it["image"].shape == it["synthetic"].shape == (3, 32, 32) and it["synthetic_mask"].shape == (1, 32, 32)
+    assert torch.equal(it["image"], normal[5]["image"]) and it["synthetic_mask"].sum() > 0
+    again = data.TrainSet(data.open_dataset("synthetic", "train", 32), seed=3)[5]
+    assert torch.equal(it["synthetic"], again["synthetic"])
+    ts.set_epoch(1)
+    assert not torch.equal(ts[5]["synthetic"], it["synthetic"])
+    assert not torch.equal(data.TrainSet(normal, seed=4)[5]["synthetic"], it["synthetic"])
+
+
+def test_trainset_same_batches_for_any_number_of_workers():
+    ts = data.TrainSet(data.open_dataset("synthetic", "train", 32), seed=1)
+    ts.set_epoch(2)
+    batches = [[0, 7, 9], [3, 4, 5], [100, 1, 2], [8, 6, 10]]
+    runs = [list(torch.utils.data.DataLoader(ts, batch_sampler=batches, num_workers=w)) for w in (0, 2)]
+    for a, b in zip(*runs):
+        assert a["image"].shape == (3, 3, 32, 32)                # 3 normal + 3 synthetic per batch
+        assert torch.equal(a["synthetic"], b["synthetic"]) and torch.equal(a["synthetic_mask"], b["synthetic_mask"])
+
+
+def test_foreground_auto_rules(tmp_path):
+    make_mvtec(tmp_path / "mvtec" / "carpet")
+    make_mvtec(tmp_path / "mvtec" / "bottle")
+    assert data.TrainSet(data.open_dataset(tmp_path / "mvtec" / "carpet", "train", 32)).foreground == "texture"
+    assert data.TrainSet(data.open_dataset(tmp_path / "mvtec" / "bottle", "train", 32)).foreground == "object"
+    ds = data.open_dataset(tmp_path / "mvtec" / "bottle", "train", 32, foreground="none")
+    assert data.TrainSet(ds).foreground == "none"
+    assert data.TrainSet(ds, foreground="texture").foreground == "texture"        # TrainSet's choice wins
+    obj = tmp_path / "unknown"                                   # an estimate: plain border + a blob
+    for i in range(4):
+        img = np.full((64, 64, 3), 30, np.uint8)
+        img[disk(64, 0.2 + 0.02 * i)] = (200, 180, 60)
+        save(obj / "train" / "good" / f"{i}.png", img)
+    (obj / "test" / "good").mkdir(parents=True)
+    assert data.TrainSet(data.open_dataset(obj, "train", 32)).foreground == "object"
+    assert data.TrainSet(data.open_dataset(tmp_path / "mvtec" / "carpet", "train", 32),
+                         foreground="object").foreground == "object"
+    with pytest.raises(ValueError, match="foreground"):
+        data.TrainSet(ds, foreground="mask")                     # no CLASS/foreground folder
+
+
+def test_texture_foreground_is_a_rectangle():
+    ts = data.TrainSet(data.open_dataset("synthetic", "train", 32), foreground="texture")
+    sizes = set()
+    for i in range(8):
+        F = ts.sample(i)["foreground"]
+        ys, xs = np.nonzero(F)
+        assert F.sum() == (np.ptp(ys) + 1) * (np.ptp(xs) + 1) and F.sum() >= 16 * 16
+        assert not (ts.sample(i)["mask"].astype(bool) & ~F).any()
+        sizes.add((ys.min(), xs.min(), int(F.sum())))
+    assert len(sizes) == 8 and min(s[2] for s in sizes) < 32 * 32    # random parts, not the whole image
+
+
+def test_foreground_folder_is_used_and_missing_file_falls_back(tmp_path):
+    root = make_mvtec(tmp_path / "c")
+    left = np.zeros((64, 64), np.uint8)
+    left[:, :32] = 255
+    for i in range(2):                                           # image 002 has no foreground file
+        save(root / "foreground" / f"{i:03d}.png", left)
+    ts = data.TrainSet(data.open_dataset(root, "train", 32), seed=0)
+    assert ts.foreground == "mask"
+    for i in range(2):
+        for e in range(3):
+            ts.set_epoch(e)
+            assert ts[i]["synthetic_mask"][0, :, 16:].sum() == 0 and ts[i]["synthetic_mask"].sum() > 0
+    with pytest.warns(UserWarning, match="no foreground file"):
+        assert ts[2]["synthetic_mask"].sum() > 0
+
+
+def test_failing_foreground_estimate_falls_back_and_warns_once(tmp_path):
+    root = tmp_path / "blank"
+    for i in range(4):
+        save(root / "train" / "good" / f"{i}.png", np.full((32, 32), 128, np.uint8))
+    (root / "test" / "good").mkdir(parents=True)
+    ts = data.TrainSet(data.open_dataset(root, "train", 32), foreground="object")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        for e in range(2):
+            ts.set_epoch(e)
+            assert all(ts[i]["synthetic_mask"].sum() > 0 for i in range(4))
+    assert len(w) == 1 and "whole image" in str(w[0].message)
+
+
+def test_texture_dir(tmp_path):
+    for i in range(2):
+        save(tmp_path / "dtd" / "sub" / f"t{i}.jpg", (np.random.default_rng(i).random((40, 50, 3)) * 255).astype(np.uint8))
+    normal = data.open_dataset("synthetic", "train", 32)
+    p = data.TrainSet(normal, texture_dir=tmp_path / "dtd").sample(0)
+    q = data.TrainSet(normal).sample(0)
+    assert p["anomaly"].shape == (32, 32, 3) and not np.allclose(p["anomaly"], q["anomaly"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        data.TrainSet(normal, texture_dir=tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="nope"):
+        data.TrainSet(normal, texture_dir=tmp_path / "nope")
+
+
+# ---------------------------------------------------------------- the built-in synthetic set
+@pytest.mark.parametrize("variant", ["texture", "object"])
+def test_synthetic_set(variant):
+    t0 = time.time()
+    train = data.open_dataset(f"synthetic/{variant}", "train", 64)
+    test = data.open_dataset(f"synthetic/{variant}", "test", 64)
+    tr, te = [train[i] for i in range(len(train))], [test[i] for i in range(len(test))]
+    assert time.time() - t0 < 5                                  # all 260 images, generated in memory
+    assert len(tr) == 200 and len(te) == 60 and sum(it["label"] for it in te) == 30
+    assert all(it["label"] == 0 and it["mask"].sum() == 0 for it in tr)
+    for it in te:
+        assert (it["mask"].sum() > 0) == bool(it["label"]) and (it["defect"] == "good") == (not it["label"])
+    assert {it["defect"] for it in te} == {"good", "scratch", "spot", "missing", "stain"}
+    other = data.open_dataset(f"synthetic/{variant}", "test", 64)
+    assert all(torch.equal(te[i]["image"], other[i]["image"]) for i in range(0, 60, 7))     # deterministic
+    imgs = torch.stack([it["image"] for it in tr])
+    assert imgs.std(0).mean() > 0.02                             # normal images vary...
+    assert not torch.equal(tr[0]["image"], te[0]["image"])       # ...and test normals are new ones
+    if variant == "object":                                      # anomalies only on the object
+        for i in range(30, 60):
+            assert not (test[i]["mask"][0].numpy().astype(bool) & ~test.foreground_mask(i)).any()
+    assert data.open_dataset("synthetic", "train", 64).category == "texture"
+
+
+def test_synthetic_anomalies_change_every_masked_pixel():
+    """Exact masks: an anomaly's pixels differ from the good texture around them."""
+    test = data.open_dataset("synthetic", "test", 64)
+    for i in range(30, 60):
+        it = test[i]
+        m, img = it["mask"][0].bool(), it["image"]
+        grown = torch.from_numpy(ndimage.binary_dilation(m.numpy(), iterations=2))
+        ring = img[:, grown & ~m].mean(1)
+        inside = img[:, m].mean(1)
+        assert (inside - ring).abs().max() > 0.1, it["defect"]
+
+
+# ---------------------------------------------------------------- preview CLI
+def test_preview_cli(tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    data.main(["preview", "--data", "synthetic", "--out", str(out), "--n", "3", "--img-size", "32"])
+    assert Image.open(out).size == (4 * 32 + 3 * 4, 3 * 32 + 2 * 4)
+    assert "N | A | M | S" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- real data in ../shared/data
+def need(path):
+    if not path.exists():
+        pytest.skip(f"{path} not present")
+    return path
+
+
+def test_real_dagm_class8():
+    root = need(SHARED / "dagm" / "Class8")
+    flagged = {line.split()[2] for line in (root / "Train" / "Label" / "Labels.txt").read_text().splitlines()[1:]
+               if line.split() and line.split()[1] == "1"}
+    train, test = data.open_dataset(root, "train", 64), data.open_dataset(root, "test", 64)
+    assert len(flagged) == 25 and len(train) == 250 and len(test) == 225
+    assert not {Path(r[0]).name for r in train.records} & flagged
+    assert sum(r[2] for r in test.records) == 100
+    for i in range(0, len(test), 15):
+        it = test[i]
+        assert it["image"].shape == (3, 64, 64) and torch.equal(it["image"][0], it["image"][2])
+        assert (it["mask"].sum() > 0) == bool(it["label"])
+    assert data.TrainSet(train).foreground == "texture"
+
+
+def test_real_magnetic_tile():
+    root = need(SHARED / "magnetic_tile")
+    train, test = data.open_dataset(root, "train", 64), data.open_dataset(root, "test", 64)
+    assert len(train) == 762 and len(test) == 582 and sum(r[2] for r in test.records) == 392
+    sizes = {Image.open(r[0]).size for r in train.records[:20]}
+    assert len(sizes) > 1 and all(train[i]["image"].shape == (3, 64, 64) for i in range(0, 20, 4))
+    i = next(k for k, r in enumerate(test.records) if r[3] == "blowhole")
+    gt = np.asarray(Image.open(test.records[i][1]).resize((64, 64), Image.NEAREST)) > 0
+    np.testing.assert_array_equal(test[i]["mask"][0].numpy().astype(bool), gt)
+    assert data.TrainSet(train).foreground == "texture"          # the automatic estimate: no plain border
+
+
+def test_real_visa_csv(tmp_path):
+    real = need(SHARED / "visa_split_csv" / "1cls.csv")
+    (tmp_path / "split_csv").mkdir()
+    shutil.copy(real, tmp_path / "split_csv" / "1cls.csv")
+    rows = [r for r in csv.DictReader(open(real)) if r["object"] == "cashew"]
+    for r in rows:                                               # empty stand-ins for the release's files
+        for p in (r["image"], r["mask"]):
+            if p:
+                (tmp_path / p).parent.mkdir(parents=True, exist_ok=True)
+                (tmp_path / p).touch()
+    train, test = data.open_dataset(tmp_path / "cashew", "train", 32), data.open_dataset(tmp_path / "cashew", "test", 32)
+    assert (len(train), len(test), sum(r[2] for r in test.records)) == (450, 150, 100)
+    assert train.fg_kind == "object"
+    (tmp_path / rows[-1]["image"]).unlink()
+    with pytest.raises(FileNotFoundError, match=rows[-1]["image"]):
+        data.open_dataset(tmp_path / "cashew", "test", 32)

@@ -1,0 +1,280 @@
+"""Behaviour of diffusionad.py: the equations, the networks, Alg. 1 and 2, checkpoints and the CLI."""
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import diffusionad as D
+
+TINY = dict(img_size=32, base_channels=16, channel_mult="1,2", attn_resolutions="16", num_heads=4,
+            seg_channels=4, batch_size=6, workers=0, eval_batch=16, log_every=1000.0)
+
+
+def tiny(**kw):
+    return D.check_config(D.Config(**{**TINY, **kw}))
+
+
+def tiny_flags(**kw):
+    flags = []
+    for k, v in {**TINY, **kw}.items():
+        flags += [f"--{k.replace('_', '-')}", str(v)]
+    return flags
+
+
+def weights(run):
+    ck = torch.load(Path(run) / "ckpt.pt", weights_only=True)
+    return {f"{n}.{k}": v for n in ("denoiser", "seg") for k, v in ck[n].items()}
+
+
+# ---------------------------------------------------------------- schedule, Eq. 1, 2, 5
+
+def test_schedule_properties():
+    cfg = D.Config()
+    sqrt_ab, sqrt_1mab = D.make_schedule(cfg)
+    assert sqrt_ab.dtype == torch.float32 and sqrt_ab.shape == (cfg.timesteps + 1,)
+    ab = sqrt_ab.double() ** 2
+    assert ab[0] == 1.0 and abs(ab[1] - (1 - 1e-4)) < 1e-6  # alpha_bar_1 = 1 - beta_1
+    assert torch.all(ab[1:] < ab[:-1])  # strictly decreasing
+    assert torch.allclose(sqrt_ab ** 2 + sqrt_1mab ** 2, torch.ones_like(sqrt_ab), atol=1e-6)
+    betas = 1 - ab[1:] / ab[:-1]
+    assert torch.allclose(betas, torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), atol=1e-6)
+    assert 0.85 < ab[100] < 0.95 and 0.6 < ab[200] < 0.7 and ab[1000] < 1e-4
+
+
+def test_eq2_eq5_round_trip_with_true_noise():
+    model = D.DiffusionAD(tiny())
+    x0 = torch.rand(4, 3, 32, 32)
+    eps = torch.randn_like(x0)
+    t = torch.tensor([1, 100, 500, 1000])
+    x_t = model.q_sample(x0, t, eps)
+    assert torch.allclose(model.predict_x0(x_t, t, eps), x0, atol=2e-3)  # t = 1000 amplifies float error
+    assert torch.allclose(model.predict_x0(x_t, t, eps)[:3], x0[:3], atol=1e-5)
+
+
+@pytest.mark.parametrize("size,mult", [(32, "1,2"), (64, "1,2,2"), (128, "1,1,2,2")])
+def test_network_output_shapes(size, mult):
+    cfg = tiny(img_size=size, channel_mult=mult, attn_resolutions="16,8")
+    model = D.DiffusionAD(cfg)
+    x = torch.rand(2, 3, size, size)
+    assert model.denoiser(x, torch.tensor([1, 1000])).shape == (2, 3, size, size)
+    assert model.seg(torch.cat([x, x], 1)).shape == (2, 1, size, size)
+
+
+def test_paper_size_builds_with_default_multipliers():
+    cfg = D.check_config(D.Config(img_size=256, base_channels=32, seg_channels=4))
+    assert D.channel_mult(cfg) == (1, 1, 2, 2, 4, 4)
+    assert D.DenoisingUNet(cfg)(torch.rand(1, 3, 256, 256), torch.tensor([5])).shape == (1, 3, 256, 256)
+
+
+# ---------------------------------------------------------------- Alg. 1
+
+def fixed_batch():
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(6, 3, 32, 32, generator=g)
+    mask = torch.zeros(6, 1, 32, 32)
+    mask[3:, :, 8:16, 8:16] = 1
+    x0[3:, :, 8:16, 8:16] = 1 - x0[3:, :, 8:16, 8:16]
+    return x0, mask
+
+
+def test_training_steps_lower_the_loss_on_a_fixed_batch():
+    torch.manual_seed(0)
+    model = D.DiffusionAD(tiny())
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x0, mask = fixed_batch()
+    losses = []
+    for _ in range(15):
+        loss = model.losses(x0, mask, 3, torch.Generator().manual_seed(1))["total"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_mask_loss_gradient_reaches_the_denoiser():
+    model = D.DiffusionAD(tiny())
+    x0, mask = fixed_batch()
+    out = model.losses(x0, mask, 3, torch.Generator().manual_seed(0))
+    out["mask"].backward()
+    grads = [p.grad for p in model.denoiser.parameters()]
+    assert all(g is not None for g in grads)
+    assert sum(g.abs().sum().item() for g in grads) > 0
+
+
+def test_noise_loss_uses_only_the_normal_half():
+    model = D.DiffusionAD(tiny())
+    x0, mask = fixed_batch()
+    a = model.losses(x0, mask, 3, torch.Generator().manual_seed(0))["noise"]
+    x0[3:] = torch.rand(3, 3, 32, 32)  # change only the synthetic half
+    b = model.losses(x0, mask, 3, torch.Generator().manual_seed(0))["noise"]
+    assert a.item() == b.item()
+
+
+# ---------------------------------------------------------------- Alg. 2
+
+def test_batched_time_steps_equal_sequential():
+    model = D.DiffusionAD(tiny()).eval()
+    x0 = torch.rand(3, 3, 32, 32)
+    noise = torch.randn(6, 3, 32, 32)
+    with torch.inference_mode():
+        maps, scores, rec = model.anomaly_maps(x0, (100, 200), noise)
+        m1, _, rec1 = model.anomaly_maps(x0, (100,), noise[:3])
+        m2, _, _ = model.anomaly_maps(x0, (200,), noise[3:])
+    assert torch.allclose(maps, (m1 + m2) / 2, atol=1e-5)
+    assert torch.allclose(rec, rec1, atol=1e-5)
+    top = ((m1 + m2) / 2).flatten(1).topk(50, dim=1).values.mean(1)
+    assert torch.allclose(scores, top, atol=1e-5)
+
+
+@pytest.mark.parametrize("ablation", ["seg-only", "ae", "denoise-only"])
+def test_ablations_train_and_infer(ablation):
+    model = D.DiffusionAD(tiny(ablation=ablation))
+    x0, mask = fixed_batch()
+    out = model.losses(x0, mask, 3, torch.Generator().manual_seed(0))
+    out["total"].backward()
+    assert set(out) == {"seg-only": {"mask", "total"}, "ae": {"rec", "mask", "total"},
+                        "denoise-only": {"noise", "total"}}[ablation]
+    with torch.inference_mode():
+        maps, scores, _ = model.eval().anomaly_maps(x0, (100, 200), torch.randn(12, 3, 32, 32))
+    assert maps.shape == (6, 32, 32) and scores.shape == (6,)
+
+
+# ---------------------------------------------------------------- runs, checkpoints, resume
+
+def test_same_seed_same_run_and_checkpoint_loads_weights_only(tmp_path):
+    runs = [D.train(tiny(data="synthetic", max_steps=3, out=str(tmp_path / n))) for n in "ab"]
+    wa, wb = weights(runs[0]), weights(runs[1])
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    la = (runs[0] / "log.csv").read_text().splitlines()
+    lb = (runs[1] / "log.csv").read_text().splitlines()
+    assert len(la) == 4 and [r.split(",")[1:5] for r in la] == [r.split(",")[1:5] for r in lb]
+    ck = torch.load(runs[0] / "ckpt.pt", weights_only=True)
+    assert ck["step"] == 3 and ck["config"]["max_steps"] == 3 and "optimizer" in ck
+    model = D.build_model(D.Config(**ck["config"]), ck)
+    assert torch.equal(model.denoiser.inp.weight, ck["denoiser"]["inp.weight"])
+    c = D.train(tiny(data="synthetic", max_steps=3, seed=1, out=str(tmp_path / "c")))
+    assert not torch.equal(weights(c)["denoiser.inp.weight"], wa["denoiser.inp.weight"])
+
+
+def test_resume_continues_the_same_trajectory(tmp_path):
+    full = D.train(tiny(data="synthetic", max_steps=5, out=str(tmp_path / "full")))
+    part = tiny(data="synthetic", max_steps=3, out=str(tmp_path / "part"))
+    D.train(part)
+    D.train(replace(part, max_steps=5), resume=True)
+    wf, wp = weights(full), weights(tmp_path / "part")
+    assert all(torch.allclose(wf[k], wp[k], atol=1e-6) for k in wf)
+    steps = [r.split(",")[0] for r in (tmp_path / "part" / "log.csv").read_text().splitlines()[1:]]
+    assert steps == ["1", "2", "3", "4", "5"]
+
+
+def test_resume_errors(tmp_path):
+    with pytest.raises(SystemExit, match="--resume: no checkpoint"):
+        D.train(tiny(data="synthetic", max_steps=1, out=str(tmp_path / "none")), resume=True)
+    D.train(tiny(data="synthetic", max_steps=1, out=str(tmp_path / "r")))
+    with pytest.raises(SystemExit, match=r"another configuration:\n  base_channels: checkpoint 16 vs requested 32"):
+        D.train(tiny(data="synthetic", max_steps=2, base_channels=32, out=str(tmp_path / "r")), resume=True)
+    with pytest.raises(SystemExit, match="exists: pass --resume"):
+        D.train(tiny(data="synthetic", max_steps=2, out=str(tmp_path / "r")))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    real = D.DiffusionAD.losses
+
+    def poisoned(self, x0, mask, n, g):
+        out = real(self, x0, mask, n, g)
+        if len(steps) == 3:
+            out["total"] = out["total"] * float("nan")
+        steps.append(1)
+        return out
+    steps = []
+    monkeypatch.setattr(D.DiffusionAD, "losses", poisoned)
+    with pytest.raises(SystemExit, match=r"loss is nan at step 4.*checkpoint \(step 2\)"):
+        D.train(tiny(data="synthetic", max_steps=10, ckpt_every=2, out=str(tmp_path / "n")))
+    assert torch.load(tmp_path / "n" / "ckpt.pt", weights_only=True)["step"] == 2
+
+
+def test_out_of_memory_gives_advice(tmp_path, monkeypatch):
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(D.DiffusionAD, "losses", oom)
+    with pytest.raises(SystemExit, match="smaller --batch-size, --amp"):
+        D.train(tiny(data="synthetic", max_steps=2, out=str(tmp_path / "o")))
+
+
+def test_bad_config_and_flags():
+    with pytest.raises(SystemExit, match="--batch-size must be even"):
+        tiny(batch_size=5)
+    with pytest.raises(SystemExit, match="--ablation must be one of"):
+        tiny(ablation="vae")
+    with pytest.raises(SystemExit):  # argparse: unknown flag
+        D.main(["train", "--no-such-flag", "1"])
+    with pytest.raises(SystemExit):  # no abbreviations either
+        D.main(["train", "--base", "64"])
+
+
+def test_checkpoint_of_another_kind_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.pt"
+    torch.save({"weights": torch.zeros(2)}, bad)
+    with pytest.raises(SystemExit, match="not a DiffusionAD checkpoint"):
+        D.load_checkpoint(bad)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="junk.pt: not a readable"):
+        D.load_checkpoint(tmp_path / "junk.pt")
+
+
+# ---------------------------------------------------------------- the CLI end to end
+
+def make_mvtec_tree(root, n_train=12, size=40):
+    rng = np.random.default_rng(0)
+    cls = root / "toy"
+    for sub in ("train/good", "test/good", "test/hole", "ground_truth/hole"):
+        (cls / sub).mkdir(parents=True)
+    def img():
+        return (rng.random((size, size, 3)) * 60 + 100).astype(np.uint8)
+    for i in range(n_train):
+        Image.fromarray(img()).save(cls / f"train/good/{i:03d}.png")
+    for i in range(3):
+        Image.fromarray(img()).save(cls / f"test/good/{i:03d}.png")
+        a, m = img(), np.zeros((size, size), np.uint8)
+        a[10:20, 10:20] = 0
+        m[10:20, 10:20] = 255
+        Image.fromarray(a).save(cls / f"test/hole/{i:03d}.png")
+        Image.fromarray(m).save(cls / f"ground_truth/hole/{i:03d}_mask.png")
+    return cls
+
+
+def test_cli_train_eval_predict(tmp_path, capsys):
+    cls = make_mvtec_tree(tmp_path)
+    run = tmp_path / "run"
+    D.main(["train", "--data", str(cls), "--out", str(run), "--max-steps", "4", "--ckpt-every", "2"] + tiny_flags())
+    for f in ("config.json", "log.csv", "ckpt.pt", "metrics.json"):
+        assert (run / f).is_file(), f
+    m = json.loads((run / "metrics.json").read_text())
+    for k in ("image_auroc", "pixel_auroc", "pixel_pro", "pixel_ap", "fps", "n_test_good", "n_test_anomalous",
+              "train_seconds", "config"):
+        assert k in m, k
+    assert m["n_test_good"] == 3 and m["n_test_anomalous"] == 3
+    assert all(0 <= m[k] <= 1 for k in ("image_auroc", "pixel_auroc", "pixel_pro", "pixel_ap"))
+    assert json.loads((run / "config.json").read_text())["base_channels"] == 16
+
+    D.main(["eval", "--run", str(run), "--t", "100", "--save-maps", "--json", str(tmp_path / "m100.json")])
+    out = capsys.readouterr().out
+    assert "Image AUROC" in out and "file reading excluded" in out
+    assert json.loads((tmp_path / "m100.json").read_text())["eval_t"] == [100]
+    panels = sorted((run / "maps").glob("*.png"))
+    assert len(panels) == 6 and Image.open(panels[0]).size == (4 * 32, 32)
+
+    csv_path = tmp_path / "scores.csv"
+    D.main(["predict", "--ckpt", str(run / "ckpt.pt"), str(cls / "test" / "hole"), str(cls / "test/good/000.png"),
+            "--csv", str(csv_path), "--out", str(tmp_path / "pred")])
+    rows = csv_path.read_text().splitlines()
+    assert rows[0] == "path,score,heatmap" and len(rows) == 5
+    assert all(0 <= float(r.split(",")[1]) <= 1 for r in rows[1:])
+    assert len(list((tmp_path / "pred").glob("*_map.png"))) == 4
+    with pytest.raises(SystemExit, match="no such file"):
+        D.main(["predict", "--ckpt", str(run / "ckpt.pt"), str(tmp_path / "missing.png")])

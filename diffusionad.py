@@ -82,8 +82,8 @@ class Config:
 
 
 # Small model for a 2-core CPU (README quickstart); flags given on the command line win.
-CPU_PRESET = dict(img_size=64, base_channels=32, channel_mult="1,2,2,4", attn_resolutions="16,8",
-                  seg_channels=16, max_steps=1500, lr=2e-4, eval_batch=16)
+CPU_PRESET = dict(img_size=64, base_channels=16, num_res_blocks=1, channel_mult="1,2,4", attn_resolutions="16",
+                  seg_channels=16, max_steps=900, lr=5e-4, eval_batch=16, workers=0)
 # Fields that define the networks and the training problem: a checkpoint must agree on them.
 ARCH_FIELDS = ("img_size", "pixel_range", "timesteps", "beta_start", "beta_end", "base_channels",
                "channel_mult", "num_res_blocks", "attn_resolutions", "num_heads", "seg_channels", "ablation")

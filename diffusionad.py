@@ -559,7 +559,7 @@ def run_inference(model, images, cfg, ts, device, seed, keep_restorations=False)
     Returns maps (N,H,W) and scores (N,) as numpy, and restorations in [0, 1] (N,3,H,W) if asked."""
     g = torch.Generator(device=device).manual_seed(seed)  # evaluation noise: reproducible
     maps, scores, restored = [], [], []
-    model.eval()
+    model.eval().to(memory_format=torch.channels_last if cfg.amp else torch.contiguous_format)  # bf16 likes NHWC
     with torch.inference_mode(), autocast(cfg, device):
         for i in range(0, len(images), cfg.eval_batch):
             x0 = to_model(images[i: i + cfg.eval_batch].to(device), cfg)

@@ -1,47 +1,39 @@
 """Datasets and the anomaly synthesizer of DiffusionAD (paper Sec. 3.3, Fig. 4, Eq. 9).
 
-Layouts, auto-detected from ``open_dataset(path, split, img_size)`` with path = ROOT/CLASS:
-
+``open_dataset(ROOT/CLASS, split, img_size)`` detects the layout:
 * MVTec AD (also MPDD, BTAD, magnetic tile...): ``CLASS/train/good/*``, ``CLASS/test/<defect|good>/*``,
-  ``CLASS/ground_truth/<defect>/<stem>_mask.png``.
-* VisA "1cls" (prepared): the same tree with ``test/{good,bad}`` and ``ground_truth/bad/<stem>.png``.
-* VisA raw release: ``ROOT/CLASS/Data/Images/{Normal,Anomaly}/*.JPG``, ``ROOT/CLASS/Data/Masks/...``;
-  the split is read from ``ROOT/split_csv/1cls.csv`` (columns object,split,label,image,mask).
-* DAGM 2007: ``ClassN/{Train,Test}/NNNN.PNG``, ``ClassN/{Train,Test}/Label/Labels.txt`` (a header
-  line, then ``id flag image 0 label-or-0``) and ``Label/NNNN_label.PNG``. Training uses only Train
-  images flagged 0; the test split is all of Test.
-* ``synthetic`` (= ``synthetic/texture``, a woven surface) or ``synthetic/object`` (a washer with an
-  orientation dot; it provides its exact foreground masks): made by code, in memory, deterministic.
-  200 train normals (random phase, orientation, colour, brightness, grain), 30 good + 30 anomalous
-  test images with scratches, spots, missing pieces and stains -- a different process from the
-  training synthesizer -- with exact masks. ~0.2 s for all 260 images at 64 px, cached per object.
+  ``CLASS/ground_truth/<defect>/<stem>_mask.png``. VisA "1cls" (prepared): the same tree with
+  ``test/{good,bad}`` and ``ground_truth/bad/<stem>.png``.
+* VisA raw release: ``ROOT/CLASS/Data/{Images,Masks}/...``, split by ``ROOT/split_csv/1cls.csv``
+  (columns object,split,label,image,mask).
+* DAGM 2007: ``ClassN/{Train,Test}/NNNN.PNG``, ``Label/Labels.txt`` (a header line, then
+  ``id flag image 0 label-or-0``), ``Label/NNNN_label.PNG``. Train: Train images flagged 0; test: all Test.
+* ``synthetic`` (= ``synthetic/texture``) or ``synthetic/object``: made in memory (see SyntheticSet).
 
 Items are dicts: ``image`` float32 3xHxW in **[0, 1]** (the one pixel range; a model wanting [-1, 1]
 maps it itself), ``mask`` float32 1xHxW of 0/1, ``label`` 0/1, ``defect`` ("good" for good), ``path``.
-Any PIL mode is read (16-bit scaled by 65535); grayscale becomes 3 equal channels; images are resized
-bilinearly to img_size x img_size, masks binarised at native size (non-zero = defect) then resized
-nearest. Labels come from the layout (folder, CSV, Labels.txt), so an anomalous image whose mask is
-empty keeps label 1. Only files with an image extension count; a listed file that is missing or
-unreadable is an error, never skipped. Datasets carry ``name``, ``category`` (class) and ``layout``.
+Any PIL mode is read (16-bit divided by 65535, grayscale -> 3 channels) and resized bilinearly; masks
+are binarised at native size (non-zero = defect), then resized nearest. Labels come from the layout, so
+an anomalous image with an empty mask keeps label 1. Only files with an image extension count; a listed
+file that is missing or unreadable is an error, never skipped. Datasets carry ``name``, ``category``
+(class) and ``layout``.
 
-Synthesizer (``synthesize`` / ``TrainSet``): M = Perlin mask x foreground F. Perlin noise (scaled by
-sqrt 2 to about +-1) with 2^a x 2^b cells, a, b uniform in 0..5 (fewer below 256 px so that a cell
-stays >= 8 px: 0..3 at 64), randomly rotated, thresholded at ``PERLIN_THRESHOLD`` = 0.5: blobs cover
-~5 % of the image on average; an empty mask is redrawn (after 10 tries: the top 10 % of the noise in F).
-Foreground F ("auto" resolves in this order): ``mask`` = files ``CLASS/foreground/<image stem>.*``
-(non-zero = foreground) when that folder exists; ``texture`` = a random rectangle (sides 50-100 % of
-the image) for MVTec's carpet/grid/leather/tile/wood and for DAGM; ``object`` for the MVTec and VisA
-object classes = pixels whose colour differs from the median border colour by more than an Otsu
-threshold, opened and hole-filled; other classes get ``object`` when on most of 8 sampled training
-images the border is uniform and the estimate covers 3-90 % of the image, else ``texture``; ``none``
-= the whole image. A missing or empty (< 0.5 %) foreground falls back to the whole image with one
-warning. The choice is ``TrainSet(foreground=...)``, else ``open_dataset(foreground=...)``, else "auto".
-Anomaly source A: 2 distinct ops from {equalize, sharpness (amount 0.5-2), auto-contrast (cut-off
-0-10 %), solarize (threshold 32-128/255), posterize (1-4 bits), invert, gamma (0.5-2 per channel)}
-applied to the image itself or to a random texture from ``texture_dir``, then cut into an 8x8 grid
-of tiles that are randomly permuted. Eq. 9: S = beta M N + (1 - beta) M A + (1 - M) N with beta
-uniform in ``BETA_RANGE`` = [0, 0.8). All randomness of item i in epoch e comes from
+Synthesizer (``synthesize``, ``TrainSet``), Eq. 9: S = beta M N + (1 - beta) M A + (1 - M) N with beta
+uniform in ``BETA_RANGE`` = [0, 0.8). Item i of epoch e draws all its randomness from
 ``np.random.default_rng((seed, e, i))``, so batches do not depend on the number of workers.
+* M = Perlin mask x foreground F. Noise (about +-1) with 2^a x 2^b cells, a, b uniform in 0..5 (fewer
+  below 256 px so that cells stay >= 8 px: 0..3 at 64), randomly rotated, > ``PERLIN_THRESHOLD`` = 0.5:
+  blobs cover ~5 % of the image. An empty M is redrawn; after 10 tries it is the top 10 % of noise in F.
+* F ("auto" resolves in this order): ``mask`` = files ``CLASS/foreground/<image stem>.*`` (non-zero)
+  when that folder exists; ``texture`` = a random rectangle (sides 50-100 % of the image) for MVTec's
+  carpet/grid/leather/tile/wood and DAGM; ``object`` for MVTec and VisA object classes = colour distance
+  to the median border colour > an Otsu threshold, opened and hole-filled; other classes: ``object`` if
+  on most of 8 sampled training images the border is uniform and this estimate covers 3-90 % of the
+  image, else ``texture``; ``none`` = the whole image. A missing or empty (< 0.5 %) F becomes the whole
+  image, with one warning. ``TrainSet(foreground=...)`` wins over ``open_dataset(foreground=...)``.
+* A: 2 distinct ops from {equalize, sharpness (amount 0.5-2), auto-contrast (cut-off 0-10 %), solarize
+  (threshold 32-128/255), posterize (1-4 bits), invert, gamma (0.5-2 per channel)} applied to the image
+  or to a random texture from ``texture_dir``, then cut into 8x8 tiles that are randomly permuted.
 
 CLI: ``python data.py preview --data PATH --out grid.png [--n 8 --img-size 256 --seed 0]`` writes rows
 N | A | M | S (M panel: white = anomaly mask, grey = foreground).
@@ -102,8 +94,7 @@ def _binary(im: Image.Image, size: int) -> np.ndarray:
     """Mask image -> float32 HxW of 0/1: non-zero at native resolution, then nearest resize."""
     a = np.asarray(im)
     if a.ndim == 3:
-        a = a[..., :3] if a.shape[2] >= 3 else a[..., :1]   # ignore alpha
-        a = a.any(axis=2)
+        a = a[..., :3 if a.shape[2] >= 3 else 1].any(axis=2)     # alpha ignored
     m = Image.fromarray((a != 0).astype(np.uint8) * 255).resize((size, size), Image.NEAREST)
     return (np.asarray(m) > 0).astype(np.float32)
 
@@ -112,30 +103,34 @@ def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMG_EXTS) if folder.is_dir() else []
 
 
+def _chw(a: np.ndarray) -> torch.Tensor:
+    """HxWxC array -> contiguous float32 CxHxW tensor."""
+    return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1), dtype=np.float32))
+
+
 def load_image(path, img_size: int) -> torch.Tensor:
     """A user's image as the model sees it: float32 3xHxW in [0, 1]; errors name the file."""
-    return torch.from_numpy(np.ascontiguousarray(_rgb(_open(path), img_size).transpose(2, 0, 1)))
+    return _chw(_rgb(_open(path), img_size))
 
 
 def _item(img, mask, label, defect, path) -> dict:
-    return {"image": torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32)),
-            "mask": torch.from_numpy(np.ascontiguousarray(mask[None], dtype=np.float32)),
+    return {"image": _chw(img), "mask": torch.from_numpy(np.ascontiguousarray(mask[None], dtype=np.float32)),
             "label": int(label), "defect": defect, "path": str(path)}
 
 
 # ----------------------------------------------------------------------------- datasets on disk
 class ImageDataset(Dataset):
-    """Records (image, mask or None, label, defect) read lazily. Attributes: ``name`` (dataset folder),
-    ``category`` (class), ``layout``, ``fg_kind`` (foreground rule for "auto", None = estimate)."""
+    """Records (image, mask or None, label, defect), read lazily. ``fg_kind``: the foreground that
+    "auto" means for this class (None: estimate it from the images, see TrainSet)."""
 
     def __init__(self, records, img_size, root: Path, layout: str, foreground="auto"):
         self.records, self.img_size, self.root, self.layout = records, int(img_size), root, layout
         self.name, self.category, self.foreground = root.parent.name or "data", root.name, foreground
         self.fg_dir = root / "foreground"
         self.has_fg_masks = self.fg_dir.is_dir()
-        self.fg_kind = ("mask" if self.has_fg_masks else "texture"
-                        if layout == "dagm" or root.name.lower() in TEXTURE_CLASSES else
-                        "object" if root.name.lower() in OBJECT_CLASSES else None)
+        cls = root.name.lower()
+        self.fg_kind = ("mask" if self.has_fg_masks else "texture" if layout == "dagm" or cls in TEXTURE_CLASSES
+                        else "object" if cls in OBJECT_CLASSES else None)
         self._warned = False
 
     def __len__(self):
@@ -170,15 +165,13 @@ def _mvtec(root: Path, split: str):
     recs = []
     for d in sorted(p for p in (root / "test").iterdir() if p.is_dir()):
         gt = root / "ground_truth" / d.name
+        # <stem>_mask.png (MVTec) or <stem>.png (VisA 1cls); the former wins when both exist
         masks = {m.stem.removesuffix("_mask"): m for m in sorted(_images(gt), key=lambda p: p.stem.endswith("_mask"))}
         for p in _images(d):
-            if d.name == "good":
-                recs.append((p, None, 0, "good"))
-            elif p.stem in masks:
-                recs.append((p, masks[p.stem], 1, d.name))
-            else:
+            if d.name != "good" and p.stem not in masks:
                 raise FileNotFoundError(f"anomalous test image {p} has no mask: expected "
                                         f"{gt / (p.stem + '_mask.png')} or {gt / (p.stem + '.png')}")
+            recs.append((p, None, 0, "good") if d.name == "good" else (p, masks[p.stem], 1, d.name))
     return recs, layout
 
 
@@ -193,7 +186,7 @@ def _visa_raw(root: Path, split: str):
         reader = csv.DictReader(f)
         if not {"object", "split", "label", "image", "mask"} <= set(reader.fieldnames or ()):
             raise ValueError(f"{csv_path}: expected columns object,split,label,image,mask, found {reader.fieldnames}")
-        rows = [r for r in reader]
+        rows = list(reader)
     mine = [r for r in rows if r["object"] == root.name]
     if not mine:
         have = sorted({r["object"] for r in rows})
@@ -268,8 +261,8 @@ def open_dataset(path, split: str, img_size: int, foreground: str = "auto") -> D
         subs = sorted(p.name for p in root.iterdir() if p.is_dir())
         raise ValueError(f"{root} matches no known layout; tried: MVTec AD / VisA 1cls (train/good + test/), "
                          "VisA raw (Data/Images + ../split_csv/1cls.csv), DAGM 2007 (Train|Test/Label/Labels.txt), "
-                         f"'synthetic'. It contains "
-                         f"{subs[:20]}; pass ROOT/CLASS (for example mvtec/bottle), not ROOT.")
+                         f"'synthetic'. It contains {subs[:20]}; pass ROOT/CLASS (for example mvtec/bottle), "
+                         "not ROOT.")
     records, layout = found
     if not records:
         raise ValueError(f"empty {split} set: no images found in {root} ({layout} layout)")
@@ -398,20 +391,17 @@ def estimate_foreground(img: np.ndarray) -> tuple[np.ndarray, bool]:
     ring = np.concatenate([img[:b].reshape(-1, 3), img[-b:].reshape(-1, 3),
                            img[:, :b].reshape(-1, 3), img[:, -b:].reshape(-1, 3)])
     ref = np.median(ring, axis=0)
-    d = np.abs(img - ref)
-    d = np.maximum(np.maximum(d[..., 0], d[..., 1]), d[..., 2])
+    d = np.abs(img - ref).max(axis=2)
     fg = d > max(_otsu(d), 0.05)
     fg = ndimage.binary_fill_holes(ndimage.binary_opening(fg, np.ones((3, 3), bool), iterations=2))
     return fg, float(np.quantile(np.abs(ring - ref).max(axis=1), 0.9)) < 0.08
 
 
 class TrainSet(Dataset):
-    """Item i: the normal image N and a synthetic anomaly S made from it, with mask M (Sec. 3.3).
-    A DataLoader batch of B items is B normal + B synthetic images (the paper's 3 + 3 = 6).
-
-    normal: a train split from open_dataset. foreground: one of FOREGROUNDS ("auto": the dataset's
-    own choice, see module docstring). texture_dir: optional folder (searched recursively) of anomaly
-    source textures, e.g. DTD. Call set_epoch(e) each epoch; randomness = default_rng((seed, e, i))."""
+    """Item i: the normal image N and a synthetic anomaly S made from it, with mask M (Sec. 3.3); a
+    DataLoader batch of B items is B normal + B synthetic images (the paper's 3 + 3 = 6). normal: a train
+    split from open_dataset; foreground: one of FOREGROUNDS ("auto": the dataset's choice); texture_dir:
+    optional folder (searched recursively) of anomaly source textures, e.g. DTD. Call set_epoch(e)."""
 
     def __init__(self, normal, seed=0, texture_dir=None, foreground="auto", beta_range=BETA_RANGE,
                  threshold=PERLIN_THRESHOLD):
@@ -448,12 +438,6 @@ class TrainSet(Dataset):
     def __len__(self):
         return len(self.normal)
 
-    def _fallback(self, why: str):
-        if not self._warned:
-            self._warned = True
-            warnings.warn(f"foreground '{self.foreground}': {why}; using the whole image (warned once)",
-                          stacklevel=4)
-
     def _fg(self, i, N, rng):
         H, W = N.shape[:2]
         if self.foreground == "texture":                        # a random rectangular part
@@ -462,24 +446,24 @@ class TrainSet(Dataset):
             F = np.zeros((H, W), bool)
             F[y:y + h, x:x + w] = True
             return F
-        if self.foreground == "none":
-            return np.ones((H, W), bool)
-        if i not in self._fg_cache:                             # deterministic per image: cached, packed
+        if self.foreground != "none" and i not in self._fg_cache:   # fixed per image: cached, packed
             F = self.normal.foreground_mask(i) if self.foreground == "mask" else estimate_foreground(N)[0]
-            self._fg_cache[i] = None if F is None or F.mean() < 0.005 else np.packbits(F)
-            if F is None:
-                self._fallback(f"no foreground file for {self.normal[i]['path']}")
-            elif self._fg_cache[i] is None:
-                self._fallback(f"empty foreground for {self.normal[i]['path']}")
-        F = self._fg_cache[i]
+            why = "no foreground file" if F is None else "empty foreground" if F.mean() < 0.005 else ""
+            self._fg_cache[i] = None if why else np.packbits(F)
+            if why and not self._warned:
+                self._warned = True
+                warnings.warn(f"foreground '{self.foreground}': {why} for {self.normal[i]['path']}; "
+                              "using the whole image (warned once)", stacklevel=3)
+        F = self._fg_cache.get(i)                               # None: "none", or no usable foreground
         return np.ones((H, W), bool) if F is None else np.unpackbits(F, count=H * W).reshape(H, W).astype(bool)
 
     def sample(self, i: int) -> dict:
         """All parts as numpy: image N, anomaly source A, foreground F, mask M, synthetic S, beta."""
-        rng = np.random.default_rng((self.seed, self.epoch, int(i)))
-        item = self.normal[int(i)]
+        i = int(i)
+        rng = np.random.default_rng((self.seed, self.epoch, i))
+        item = self.normal[i]
         N = item["image"].numpy().transpose(1, 2, 0)
-        F = self._fg(int(i), N, rng)
+        F = self._fg(i, N, rng)
         tex = _rgb(_open(self.textures[rng.integers(len(self.textures))]), N.shape[0]) if self.textures else None
         S, M, A, beta = synthesize(N, F, rng, tex, self.beta_range, self.threshold, details=True)
         return {"image": N, "anomaly": A, "foreground": F, "mask": M, "synthetic": S, "beta": beta,
@@ -487,15 +471,16 @@ class TrainSet(Dataset):
 
     def __getitem__(self, i):
         p = self.sample(i)
-        t = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1), dtype=np.float32))
-        return {"image": t(p["image"]), "synthetic": t(p["synthetic"]),
+        return {"image": _chw(p["image"]), "synthetic": _chw(p["synthetic"]),
                 "synthetic_mask": torch.from_numpy(p["mask"][None].copy()), "path": p["path"]}
 
 
 # ----------------------------------------------------------------------------- built-in synthetic set
 class SyntheticSet(Dataset):
-    """Deterministic in-memory set: variant "texture" (a woven surface) or "object" (a washer on a plain
-    background). train: 200 normals; test: 30 good + 30 anomalous (scratch, spot, missing, stain)."""
+    """The built-in set, made in memory, deterministic. Variant "texture": a woven surface; "object": a
+    washer with an orientation dot on a plain background, with exact foreground masks. train: 200 normals
+    (random phase, orientation, colour, brightness, grain); test: 30 good + 30 anomalous (scratch, spot,
+    missing piece, stain: a different process from the training synthesizer), with exact masks."""
     KINDS = ("scratch", "spot", "missing", "stain")
 
     def __init__(self, split, img_size, variant="texture", foreground="auto", n_train=200, n_test_good=30,
@@ -513,18 +498,19 @@ class SyntheticSet(Dataset):
         return sum(self.counts)
 
     def _make(self, i):
-        n, sid = self.n, (self.split == "test") * 1
-        rng = np.random.default_rng((5, self.variant == "object", sid, i))
+        """Item i as (uint8 image, defect mask, object mask, defect kind or "")."""
+        n = self.n
+        rng = np.random.default_rng((5, self.variant == "object", int(self.split == "test"), i))
         y, x = np.meshgrid(*[np.arange(n, dtype=np.float32) / n] * 2, indexing="ij")
         noise = lambda sd: np.float32(sd * 3.46) * (rng.random((n, n, 1), np.float32) - 0.5)   # grain, std sd
-        th, f = rng.uniform(-0.15, 0.15), 8.0
+        th = rng.uniform(-0.15, 0.15)                       # the weave: two crossing sine gratings
         u, v = x * math.cos(th) + y * math.sin(th), y * math.cos(th) - x * math.sin(th)
-        s1, s2 = np.sin(2 * np.pi * f * u + rng.uniform(0, 7)), np.sin(2 * np.pi * f * v + rng.uniform(0, 7))
+        s1, s2 = np.sin(2 * np.pi * 8.0 * u + rng.uniform(0, 7)), np.sin(2 * np.pi * 8.0 * v + rng.uniform(0, 7))
         g = 0.6 + 0.16 * s1 * (s2 > 0) + 0.16 * s2 * (s1 <= 0) + 0.04 * (x - 0.5) * rng.normal()
         colour = (np.array([0.78, 0.62, 0.42]) * rng.uniform(0.9, 1.1) + rng.normal(0, 0.02, 3)).astype(np.float32)
         img = g[..., None] * colour + noise(0.015)
         obj, bg = np.ones((n, n), bool), None
-        if self.variant == "object":
+        if self.variant == "object":                        # a washer replaces the weave (drawn all the same)
             bg = 0.18 + 0.02 * y[..., None] + noise(0.01)
             cy, cx = (0.5 + rng.uniform(-0.04, 0.04, 2)).tolist()
             r = np.hypot(y - cy, x - cx)
@@ -534,9 +520,8 @@ class SyntheticSet(Dataset):
             metal = (0.55 + 0.25 * np.cos(6 * np.pi * r))[..., None] * np.array([0.8, 0.82, 0.9], np.float32)
             img = np.where(obj[..., None], metal * rng.uniform(0.9, 1.1), bg)
             img[dot] = 0.95
-        mask = np.zeros((n, n), bool)
-        kind = ""
-        if i >= self.counts[0]:
+        mask, kind = np.zeros((n, n), bool), ""
+        if i >= self.counts[0]:                             # a defect at a random point of the object
             kind = self.KINDS[(i - self.counts[0]) % 4]
             ys, xs = np.nonzero(obj)
             k = int(rng.integers(len(ys)))

@@ -28,7 +28,7 @@ import os
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -84,9 +84,9 @@ class Config:
 # Small model for a 2-core CPU (README quickstart); flags given on the command line win.
 CPU_PRESET = dict(img_size=64, base_channels=16, num_res_blocks=1, channel_mult="1,2,4", attn_resolutions="16",
                   seg_channels=16, max_steps=900, lr=5e-4, eval_batch=16, workers=0)
-# Fields that define the networks and the training problem: a checkpoint must agree on them.
-ARCH_FIELDS = ("img_size", "pixel_range", "timesteps", "beta_start", "beta_end", "base_channels",
-               "channel_mult", "num_res_blocks", "attn_resolutions", "num_heads", "seg_channels", "ablation")
+# Fields that may change when a run is resumed; all others define the networks or the training problem.
+FREE_FIELDS = ("out", "epochs", "max_steps", "eval_t", "top_k", "eval_batch", "device", "amp", "compile",
+               "workers", "ckpt_every", "log_every")
 ABLATIONS = ("none", "seg-only", "ae", "denoise-only")
 
 
@@ -417,9 +417,9 @@ def load_checkpoint(path):
     return ckpt, Config(**ckpt["config"])
 
 
-def check_same_arch(saved, cfg, path):
-    diff = [f"{k}: checkpoint {getattr(saved, k)!r} vs requested {getattr(cfg, k)!r}"
-            for k in ARCH_FIELDS if getattr(saved, k) != getattr(cfg, k)]
+def check_same_run(saved, cfg, path):
+    diff = [f"{f.name}: checkpoint {getattr(saved, f.name)!r} vs requested {getattr(cfg, f.name)!r}"
+            for f in fields(Config) if f.name not in FREE_FIELDS and getattr(saved, f.name) != getattr(cfg, f.name)]
     if diff:
         raise SystemExit(f"{path} was trained with another configuration:\n  " + "\n  ".join(diff))
 
@@ -462,7 +462,7 @@ def train(cfg, resume=False):
         if not ckpt_path.is_file():
             raise SystemExit(f"--resume: no checkpoint at {ckpt_path} (train without --resume to start)")
         ckpt, saved = load_checkpoint(ckpt_path)
-        check_same_arch(saved, cfg, ckpt_path)
+        check_same_run(saved, cfg, ckpt_path)
     elif ckpt_path.exists():
         raise SystemExit(f"{ckpt_path} exists: pass --resume to continue it, or --out for a new run")
     run.mkdir(parents=True, exist_ok=True)
@@ -630,58 +630,52 @@ def save_png(path, array):
     Image.fromarray(array).save(path)
 
 
-def open_run(run=None, ckpt=None, device="auto"):
-    """Checkpoint path -> (model in eval mode, its config, the device)."""
-    path = Path(ckpt) if ckpt else (Path(run) / "ckpt.pt" if run else latest_run())
+def open_run(a):
+    """CLI arguments -> (model in eval mode, its config with the eval overrides, device, checkpoint path, state)."""
+    path = Path(a.ckpt) if a.ckpt else (Path(a.run) / "ckpt.pt" if getattr(a, "run", None) else latest_run())
     state, cfg = load_checkpoint(path)
-    cfg.device = device
-    dev = pick_device(cfg)
-    return build_model(check_config(cfg), state, dev).eval(), cfg, dev, path, state
+    cfg = check_config(replace(cfg, device=a.device, amp=a.amp, eval_t=a.t or cfg.eval_t,
+                               eval_batch=a.batch or cfg.eval_batch))
+    device = pick_device(cfg)
+    return build_model(cfg, state, device).eval(), cfg, device, path, state
 
 
 def evaluate_cmd(a):
-    model, cfg, device, path, state = open_run(a.run, a.ckpt, a.device)
-    cfg.amp, cfg.eval_batch = a.amp, a.batch or cfg.eval_batch
-    ts = ints(a.t) if a.t else ints(cfg.eval_t)
-    if a.t:
-        cfg.eval_t = a.t
-        check_config(cfg)
-    data_path = a.data or cfg.data
+    model, cfg, device, path, state = open_run(a)
     print(f"evaluating {path} (step {state['step']})")
-    res = evaluate_model(model, cfg, data_path, ts, device, path.parent / "maps" if a.save_maps else None)
+    res = evaluate_model(model, cfg, a.data or cfg.data, ints(cfg.eval_t), device,
+                         path.parent / "maps" if a.save_maps else None)
     res["train_seconds"] = round(state.get("seconds", 0.0), 1)
     write_metrics(Path(a.json) if a.json else path.parent / "metrics.json", res, cfg)
 
 
 def predict_cmd(a):
-    model, cfg, device, path, _ = open_run(None, a.ckpt, a.device)
-    ts = ints(a.t) if a.t else ints(cfg.eval_t)
-    exts = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+    model, cfg, device, path, _ = open_run(a)
     files = []
     for p in map(Path, a.inputs):
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in exts)
+            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in data.IMG_EXTS)
             if not found:
-                raise SystemExit(f"{p}: no image files ({', '.join(sorted(exts))}) in this folder")
+                raise SystemExit(f"{p}: no image files ({', '.join(sorted(data.IMG_EXTS))}) in this folder")
             files += found
         elif p.exists():
             files.append(p)
         else:
             raise SystemExit(f"{p}: no such file or folder")
-    images = torch.stack([data.load_image(f, cfg.img_size) for f in files])
-    maps, scores, _ = run_inference(model, images, cfg, ts, device, cfg.seed)
     out = Path(a.out) if a.out else path.parent / "predictions"
     out.mkdir(parents=True, exist_ok=True)
     stream = open(a.csv, "w", newline="") if a.csv else sys.stdout
     writer = csv.writer(stream)
     writer.writerow(["path", "score", "heatmap"])
     used = set()
-    for f, img, m, s in zip(files, images, maps, scores):
-        name = f"{f.stem}_map.png" if f.stem not in used else f"{f.parent.name}_{f.stem}_{len(used)}_map.png"
-        used.add(f.stem)
-        png = out / name
-        save_png(png, np.concatenate([to_uint8(img), heatmap(m)], axis=1))
-        writer.writerow([str(f), f"{s:.6f}", str(png)])
+    for i in range(0, len(files), 64):  # a chunk of files at a time: any folder size fits in memory
+        images = torch.stack([data.load_image(f, cfg.img_size) for f in files[i: i + 64]])
+        maps, scores, _ = run_inference(model, images, cfg, ints(cfg.eval_t), device, cfg.seed + i)
+        for f, img, m, s in zip(files[i: i + 64], images, maps, scores):
+            png = out / (f"{f.stem}_map.png" if f.stem not in used else f"{f.parent.name}_{f.stem}_{len(used)}_map.png")
+            used.add(f.stem)
+            save_png(png, np.concatenate([to_uint8(img), heatmap(m)], axis=1))
+            writer.writerow([str(f), f"{s:.6f}", str(png)])
     if a.csv:
         stream.close()
         print(f"wrote scores of {len(files)} images to {a.csv} and heatmaps to {out}")
@@ -695,72 +689,58 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
 
 
+def timed(fn, device, warmup=True):
+    if warmup:
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
 def bench(cfg, n_images, train_size):
-    """Inference images/s: the authors' naive path vs ours; training samples/s and peak memory."""
+    """Training samples/s and peak memory; inference images/s of the authors' naive path and ours."""
     device = pick_device(cfg)
     torch.manual_seed(cfg.seed)
-    tcfg = check_config(Config(**{**asdict(cfg), "img_size": train_size, "channel_mult": cfg.channel_mult}))
-    model = build_model(tcfg, device=device).train()
+    model = build_model(check_config(replace(cfg, img_size=train_size)), device=device).train()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    x0, mask = torch.rand(cfg.batch_size, 3, train_size, train_size, device=device), \
-        (torch.rand(cfg.batch_size, 1, train_size, train_size, device=device) > 0.9).float()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for i in range(4):  # the first step is a warm-up
-        sync(device)
-        t0 = time.perf_counter()
+    x0 = torch.rand(cfg.batch_size, 3, train_size, train_size, device=device)
+    mask = (torch.rand(cfg.batch_size, 1, train_size, train_size, device=device) > 0.9).float()
+
+    def train_step():
         with autocast(cfg, device):
-            loss = model.losses(x0, mask, cfg.batch_size // 2, torch.Generator().manual_seed(i))["total"]
+            loss = model.losses(x0, mask, cfg.batch_size // 2, torch.Generator().manual_seed(0))["total"]
         opt.zero_grad()
         loss.backward()
         opt.step()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    step_s = min(timed(train_step, device) for _ in range(2))
     print(f"training step, {train_size}x{train_size}, batch {cfg.batch_size}, base {cfg.base_channels}, "
-          f"{n_params:.1f}M params, {device}{', bf16' if cfg.amp else ''}: "
-          f"{cfg.batch_size / np.median(times[1:]):.2f} samples/s, peak memory {peak_memory_mb(device):.0f} MiB"
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {device}{', bf16' if cfg.amp else ''}: "
+          f"{cfg.batch_size / step_s:.2f} samples/s, peak memory {peak_memory_mb(device):.0f} MiB"
           f"{'' if device.type == 'cuda' else ' (process peak RSS)'}")
     del model, opt
 
-    model = build_model(check_config(cfg), device=device).eval()
-    ts = ints(cfg.eval_t)
+    model, ts = build_model(check_config(cfg), device=device).eval(), ints(cfg.eval_t)
     images = torch.rand(n_images, 3, cfg.img_size, cfg.img_size)
     noise = torch.randn(n_images, len(ts), 3, cfg.img_size, cfg.img_size, device=device)
 
-    def naive():  # the authors' evaluation: one image, one time step at a time, autograd on, fp32
-        out = []
+    def naive():  # the authors' evaluation: one image and one time step at a time, autograd on, fp32
         for i in range(n_images):
             x0 = to_model(images[i: i + 1].to(device), cfg)
-            m = [model.anomaly_maps(x0, (t,), noise[i, k: k + 1])[0] for k, t in enumerate(ts)]
-            m = torch.stack(m).mean(0)
-            out.append(m.flatten(1).topk(cfg.top_k, dim=1).values.mean(1).item())
-        return out
-
-    def shipped():
-        return run_inference(model, images, cfg, ts, device, cfg.seed)[1]
-
-    def timed(fn):
-        fn()  # warm-up
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        return n_images / (time.perf_counter() - t0)
-
-    amp = cfg.amp
-    cfg.amp = False
-    fps_naive = timed(naive)
-    fps_ours = timed(shipped)
-    print(f"inference, {cfg.img_size}x{cfg.img_size}, base {cfg.base_channels}, t = {cfg.eval_t}, {n_images} images, "
-          f"{device}:\n  naive (1 image, time steps in turn, autograd on): {fps_naive:.2f} images/s\n"
-          f"  shipped (batch {cfg.eval_batch}, time steps batched, inference_mode): {fps_ours:.2f} images/s"
-          f"  ({fps_ours / fps_naive:.2f}x)")
+            m = torch.stack([model.anomaly_maps(x0, (t,), noise[i, k: k + 1])[0] for k, t in enumerate(ts)]).mean(0)
+            m.flatten(1).topk(cfg.top_k, dim=1).values.mean(1).item()
+    amp, cfg.amp = cfg.amp, False
+    naive_fps = n_images / timed(naive, device)
+    ours_fps = n_images / timed(lambda: run_inference(model, images, cfg, ts, device, cfg.seed), device)
+    print(f"inference, {cfg.img_size}x{cfg.img_size}, base {cfg.base_channels}, t = {cfg.eval_t}, {n_images} "
+          f"images, {device}:\n  naive (1 image, time steps in turn, autograd on): {naive_fps:.2f} images/s\n"
+          f"  shipped (batch {cfg.eval_batch}, time steps batched, inference_mode): {ours_fps:.2f} images/s "
+          f"({ours_fps / naive_fps:.2f}x)")
     if amp:
         cfg.amp = True
-        fps_amp = timed(shipped)
-        print(f"  shipped with bf16 autocast: {fps_amp:.2f} images/s ({fps_amp / fps_naive:.2f}x)")
+        amp_fps = n_images / timed(lambda: run_inference(model, images, cfg, ts, device, cfg.seed), device)
+        print(f"  shipped with bf16 autocast, channels_last: {amp_fps:.2f} images/s ({amp_fps / naive_fps:.2f}x)")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -805,7 +785,9 @@ def main(argv=None):
     r.add_argument("--out", help="folder for heatmap PNGs (default: <run>/predictions)")
     r.add_argument("--csv", help="write the scores here instead of stdout")
     r.add_argument("--t", help="time steps (default: the run's --eval-t)")
+    r.add_argument("--batch", type=int, help="images per inference batch")
     r.add_argument("--device", default="auto")
+    r.add_argument("--amp", action="store_true", help="bf16 autocast")
     b = sub.add_parser("bench", help="inference and training speed at the paper's configuration", allow_abbrev=False)
     add_config_flags(b)
     b.add_argument("--n-images", type=int, default=8, help="test images for the inference timing")

@@ -3,40 +3,37 @@
 Standalone (numpy, scipy, scikit-learn only) so it can be copied into other projects alone.
 
 Definitions
-- Image metrics take one score per image; label 1 (or True) means anomalous, 0 normal.
-- Pixel metrics pool all pixels of all test images. Maps and masks are one (N, H, W) array or a list
-  of 2-D arrays of differing sizes; map i and mask i must have the same shape.
-- A mask pixel is anomalous where it is > 0.5 after scaling to [0, 1]. Scaling: bool and float masks
-  are taken as already in [0, 1]; an integer mask whose values are all 0 or 1 is a 0/1 label mask; any
-  other integer mask is an 8-bit image (0..255, e.g. an MVTec PNG) and is divided by 255, so it is
-  anomalous where >= 128. Integer values outside [0, 255] are refused (ambiguous scale).
-- AUROC is the area under the ROC curve through every distinct score (ties are one threshold, the
-  curve steps diagonally across them), i.e. the Mann-Whitney statistic with ties counted as 1/2.
-  AP is scikit-learn's: sum over distinct thresholds of (recall step) * precision.
+- Image metrics take one score per image, label 1 (or True) = anomalous. Pixel metrics pool all pixels
+  of all images; maps and masks are an (N, H, W) array or lists of 2-D arrays whose sizes may differ
+  from image to image (map i and mask i have the same shape).
+- A mask pixel is anomalous where > 0.5 after scaling to [0, 1]. Bool and float masks are in [0, 1]
+  already; an integer mask holding only 0 and 1 is a label mask, any other an 8-bit image (divided by
+  255: anomalous where >= 128); integers outside [0, 255] are refused (ambiguous scale).
+- AUROC: area under the ROC curve through every distinct score (ties are one threshold, crossed
+  diagonally), i.e. the Mann-Whitney statistic with ties counted 1/2. AP is scikit-learn's: sum over
+  distinct thresholds of (recall step) * precision.
 - PRO (Bergmann et al., MVTec AD): regions are the 8-connected components of each binary mask; at
-  threshold t a pixel is predicted anomalous when its score >= t; a region's overlap is the fraction
-  of its pixels predicted anomalous and PRO(t) is the mean overlap over all regions of all images; FPR(t)
-  is over all normal pixels of all images, defect-free images included. The curve through (0, 0),
-  every distinct score and (1, 1) is integrated with the trapezoid rule up to FPR = fpr_limit (the point
-  at the limit linearly interpolated) and divided by fpr_limit, so a perfect map scores 1.0.
+  threshold t a pixel is predicted anomalous when its score >= t; PRO(t) is the mean over all regions of
+  all images of the fraction of the region predicted anomalous; FPR(t) is over all normal pixels of all
+  images, defect-free ones included. The curve through (0, 0), every distinct score and (1, 1) is
+  integrated with the trapezoid rule up to FPR = fpr_limit (the point at the limit linearly
+  interpolated) and divided by fpr_limit, so a perfect map scores 1.0.
 
 Known traps, and the decision taken for each
 - The authors' evaluation samples 1000 linearly spaced thresholds and min-max rescales the kept FPRs
   instead of dividing by the limit. That is biased; this file computes the exact definition above.
-  (`--bench` prints both. In our trials the bias was downward, not the inflation once expected:
-  chords of a coarse grid fall under a concave curve and the average stops at the last sampled FPR.)
+  (`--bench` prints both. In our trials the bias was downward, not the inflation once expected: chords
+  of a coarse grid fall under a concave curve and the average stops at the last sampled FPR.)
 - No anomalous pixel / no normal pixel / one class of image labels: the metric is undefined. The
   single-metric functions raise UndefinedMetricError (a ValueError); `evaluate` reports NaN with a
   warning and returns the metrics that are defined. Never a silent 0.5.
-- NaN or inf in a map or score: ValueError naming the index. Map/mask shape mismatch: ValueError
-  naming the index and both shapes.
+- NaN or inf in a map or score, map/mask shape mismatch: ValueError naming the index (and both shapes).
 - Ties: equal scores are a single threshold, for AUROC, AP and PRO alike.
 - Speed: PRO(t) = sum over anomalous pixels with score >= t of 1 / (n_regions * area of their region),
-  so every curve is a cumulative sum in score order. Instead of one argsort of all P pixels (slow and
-  8 bytes/pixel) we sort the normal scores' values once (fast SIMD sort, one copy of the pixels) and
-  argsort only the anomalous ones; binary search then gives the normal counts at each threshold.
-  O(P log P) time; memory about one extra copy of the maps. Maps keep their float precision (float32
-  stays float32, float64 stays float64, integers become float64 or float32 if that is exact).
+  so every curve is a cumulative sum in score order. The normal scores are sorted by value once (a fast
+  SIMD sort, not an 8-byte-per-pixel argsort of all P pixels) and only the anomalous ones argsorted;
+  binary search counts the normals at each threshold. O(P log P) time, about one extra copy of the maps
+  in memory. Maps keep their float precision (integers become float64, or float32 where that is exact).
 """
 import warnings
 
@@ -141,10 +138,11 @@ def _image_data(labels, scores):
 def _steps(neg, pos, weights, what):
     """One row per distinct anomalous score v, from the highest down:
     cumulative weight and count of anomalous pixels >= v, and normal counts > v and >= v."""
+    unit = what.split("_")[0]  # "image" or "pixel"
     if pos.size == 0:
-        raise UndefinedMetricError(f"{what} is undefined: there is no anomalous {_unit(what)}")
+        raise UndefinedMetricError(f"{what} is undefined: there is no anomalous {unit}")
     if neg.size == 0:
-        raise UndefinedMetricError(f"{what} is undefined: there is no normal {_unit(what)}")
+        raise UndefinedMetricError(f"{what} is undefined: there is no normal {unit}")
     order = np.argsort(pos, kind="stable")[::-1]
     v = pos[order]
     ends = np.append(np.flatnonzero(v[1:] != v[:-1]), v.size - 1)  # last index of each tie group
@@ -153,10 +151,6 @@ def _steps(neg, pos, weights, what):
     neg_gt = neg.size - np.searchsorted(neg, v, side="right")
     neg_ge = neg.size - np.searchsorted(neg, v, side="left")
     return cum_w, cum_n, neg_gt, neg_ge
-
-
-def _unit(what):
-    return "image" if what.startswith("image") else "pixel"
 
 
 def _area(neg, pos, weights, limit, what):
@@ -264,6 +258,11 @@ def _naive_pro(masks, maps, n_thresholds=1000, fpr_limit=0.3):
 def _bench(n=1000, size=256, n_naive=100, seed=0):
     import resource
     import time
+
+    def timed(f, *args):
+        t0 = time.perf_counter()
+        return f(*args), time.perf_counter() - t0
+
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:size, :size]
     maps, masks = np.empty((n, size, size), np.float32), np.zeros((n, size, size), bool)
@@ -279,18 +278,12 @@ def _bench(n=1000, size=256, n_naive=100, seed=0):
           f"{masks.mean():.1%} anomalous), float32 maps {maps.nbytes / 2**20:.0f} MiB")
     rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
     rss_before = rss()
-    t0 = time.perf_counter()
-    res = evaluate(maps, masks, labels, scores)
-    dt = time.perf_counter() - t0
+    res, dt = timed(evaluate, maps, masks, labels, scores)
     print(f"evaluate (exact), {n} images: {dt:.1f} s; process peak RSS (resource.getrusage "
           f"ru_maxrss) {rss_before:.2f} GiB before evaluate, {rss():.2f} GiB after")
     print("  " + ", ".join(f"{k}={v:.4f}" for k, v in res.items()))
-    t0 = time.perf_counter()
-    naive = _naive_pro(masks[:n_naive], maps[:n_naive])
-    dt_naive = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    exact = pro(masks[:n_naive], maps[:n_naive])
-    dt_exact = time.perf_counter() - t0
+    naive, dt_naive = timed(_naive_pro, masks[:n_naive], maps[:n_naive])
+    exact, dt_exact = timed(pro, masks[:n_naive], maps[:n_naive])
     print(f"naive 1000-threshold PRO, measured on the first {n_naive} images: {dt_naive:.1f} s "
           f"(extrapolated to {n} images: ~{dt_naive * n / n_naive:.0f} s); exact pro on the "
           f"same {n_naive} images: {dt_exact:.2f} s")

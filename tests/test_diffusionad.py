@@ -179,6 +179,8 @@ def test_resume_errors(tmp_path):
     D.train(tiny(data="synthetic", max_steps=1, out=str(tmp_path / "r")))
     with pytest.raises(SystemExit, match=r"another configuration:\n  base_channels: checkpoint 16 vs requested 32"):
         D.train(tiny(data="synthetic", max_steps=2, base_channels=32, out=str(tmp_path / "r")), resume=True)
+    with pytest.raises(SystemExit, match=r"lr: checkpoint 0.0001 vs requested 0.001"):
+        D.train(tiny(data="synthetic", max_steps=2, lr=1e-3, out=str(tmp_path / "r")), resume=True)
     with pytest.raises(SystemExit, match="exists: pass --resume"):
         D.train(tiny(data="synthetic", max_steps=2, out=str(tmp_path / "r")))
 

@@ -719,7 +719,7 @@ def bench(cfg, n_images, train_size):
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {device}{', bf16' if cfg.amp else ''}: "
           f"{cfg.batch_size / step_s:.2f} samples/s, peak memory {peak_memory_mb(device):.0f} MiB"
           f"{'' if device.type == 'cuda' else ' (process peak RSS)'}")
-    del model, opt
+    model = opt = None  # free the training model before the inference one is built
 
     model, ts = build_model(check_config(cfg), device=device).eval(), ints(cfg.eval_t)
     images = torch.rand(n_images, 3, cfg.img_size, cfg.img_size)

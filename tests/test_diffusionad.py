@@ -281,3 +281,10 @@ def test_cli_train_eval_predict(tmp_path, capsys):
     assert len(list((tmp_path / "pred").glob("*_map.png"))) == 4
     with pytest.raises(SystemExit, match="no such file"):
         D.main(["predict", "--ckpt", str(run / "ckpt.pt"), str(tmp_path / "missing.png")])
+
+
+def test_bench_runs_and_reports_both_paths(capsys):
+    D.main(["bench", "--n-images", "2", "--train-size", "32", "--amp"] + tiny_flags())
+    out = capsys.readouterr().out
+    assert "training step, 32x32, batch 6" in out and "samples/s" in out
+    assert "naive (1 image" in out and "shipped (batch 16" in out and "bf16 autocast" in out

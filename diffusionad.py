@@ -318,12 +318,16 @@ class DiffusionAD(nn.Module):
         eps_hat = self.denoiser(x_t, t)  # Alg. 1 / Alg. 2: predict the noise
         return self.predict_x0(x_t, t, eps_hat), eps_hat  # Eq. (5): one step back to x0
 
+    def segment(self, x0, x0_hat):
+        """Mask logits (B,1,H,W) from cat(x0, x0_hat); the seg-only ablation sees x0 alone."""
+        return self.seg(x0 if self.ablation == "seg-only" else torch.cat([x0, x0_hat], dim=1))
+
     def losses(self, x0, mask, n_normal, generator):
         """Alg. 1 on one batch. x0 (B,3,H,W): n_normal normal images first, then synthetic; mask (B,1,H,W)."""
         B, T = x0.shape[0], self.cfg.timesteps
         t = torch.randint(1, T + 1, (B,), generator=generator).to(x0.device)  # Alg. 1: t ~ U{1..T}
         eps = torch.randn(x0.shape, generator=generator).to(x0.device)  # Alg. 1: eps ~ N(0, I)
-        out = {}
+        out, x0_hat = {}, None
         if self.denoiser is not None:
             x0_hat, eps_hat = self.restore(x0, t, eps)
             if self.ablation == "ae":  # DRAEM+: reconstruct the normal image under the anomaly
@@ -331,8 +335,7 @@ class DiffusionAD(nn.Module):
             else:
                 out["noise"] = F.mse_loss(eps_hat[:n_normal], eps[:n_normal])  # Eq. (6), normal half
         if self.seg is not None:
-            seg_in = x0 if self.ablation == "seg-only" else torch.cat([x0, x0_hat], dim=1)
-            logits = self.seg(seg_in)  # Alg. 1: M_hat = seg(cat(x0, x0_hat))
+            logits = self.segment(x0, x0_hat)  # Alg. 1: M_hat = seg(cat(x0, x0_hat))
             out["mask"] = F.smooth_l1_loss(torch.sigmoid(logits), mask) \
                 + self.cfg.gamma * focal_loss(logits, mask)  # Eq. (7)
         out["total"] = sum(out.values())  # Eq. (8)
@@ -353,8 +356,7 @@ class DiffusionAD(nn.Module):
         if self.seg is None:  # DenoisingAD: map = |x0 - x0_hat| averaged over channels
             maps = (x0k - x0_hat).abs().mean(1)
         else:
-            seg_in = x0k if self.ablation == "seg-only" else torch.cat([x0k, x0_hat], dim=1)
-            maps = torch.sigmoid(self.seg(seg_in))[:, 0]  # (K*B,H,W)
+            maps = torch.sigmoid(self.segment(x0k, x0_hat))[:, 0]  # Alg. 2: M_hat, (K*B,H,W)
         maps = maps.float().view(K, B, *maps.shape[1:]).mean(0)  # Alg. 2: average over time steps
         k = min(self.cfg.top_k, maps[0].numel())
         scores = maps.flatten(1).topk(k, dim=1).values.mean(1)  # Alg. 2: mean of the top-K pixels

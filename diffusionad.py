@@ -50,10 +50,12 @@ class Config:
     data: str = arg("synthetic", "dataset ROOT/CLASS (MVTec AD, VisA raw or 1cls, DAGM 2007) or 'synthetic'")
     out: str = arg("", "run folder (default runs/<dataset>-<class>)")
     img_size: int = arg(256, "image side, Sec. 4.2")
+    crop: int = arg(0, "if > 0, train on crops of this side that keep part of the anomaly; eval whole images (ours)")
     pixel_range: str = arg("0,1", "range fed to the networks, '0,1' or '-1,1' (authors' code: 0,1)")
     foreground: str = arg("auto", "synthesis foreground: auto|object|texture|none (data.py, Sec. 3.3)")
     texture_dir: str = arg("", "anomaly source textures such as DTD; empty = self-augmentation (Sec. 3.3)")
     timesteps: int = arg(1000, "T, Sec. 4.2")
+    train_t: int = arg(0, "Alg. 1 draws t ~ U{1..train_t}; 0 = T (paper; the authors' later code: < 300)")
     beta_start: float = arg(1e-4, "linear schedule start, DDPM / authors' code (paper text: 1e-2)")
     beta_end: float = arg(0.02, "linear schedule end, Sec. 4.2")
     base_channels: int = arg(128, "denoiser width, Sec. 4.2")
@@ -116,6 +118,10 @@ def check_config(cfg):
         problems.append(f"--img-size {cfg.img_size} must be divisible by 32 and by 2^(levels-1) of --channel-mult")
     if cfg.base_channels % cfg.num_heads:
         problems.append(f"--base-channels {cfg.base_channels} must be divisible by --num-heads {cfg.num_heads}")
+    if not 0 <= cfg.train_t <= cfg.timesteps:
+        problems.append(f"--train-t must be in [0, --timesteps {cfg.timesteps}] (0 = T), got {cfg.train_t}")
+    if cfg.crop and (cfg.crop > cfg.img_size or cfg.crop % 2 ** (len(mult) - 1) or cfg.crop % 32):
+        problems.append(f"--crop {cfg.crop} must be <= --img-size and divisible by 32 and by 2^(levels-1)")
     bad_t = [t for t in ints(cfg.eval_t) if not 1 <= t <= cfg.timesteps]
     if bad_t or not ints(cfg.eval_t):
         problems.append(f"--eval-t needs time steps in [1, {cfg.timesteps}], got {cfg.eval_t!r}")
@@ -297,6 +303,7 @@ class DiffusionAD(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg, self.ablation = cfg, cfg.ablation
+        self.pixel_range = (-1.0, 1.0) if cfg.pixel_range == "-1,1" else (0.0, 1.0)
         self.denoiser = DenoisingUNet(cfg) if cfg.ablation != "seg-only" else None
         seg_in = 3 if cfg.ablation == "seg-only" else 6
         self.seg = SegmentationUNet(seg_in, cfg.seg_channels) if cfg.ablation != "denoise-only" else None
@@ -316,7 +323,8 @@ class DiffusionAD(nn.Module):
             return self.denoiser(x0, torch.zeros_like(t)), None
         x_t = self.q_sample(x0, t, eps)  # Alg. 1 / Alg. 2: corrupt
         eps_hat = self.denoiser(x_t, t)  # Alg. 1 / Alg. 2: predict the noise
-        return self.predict_x0(x_t, t, eps_hat), eps_hat  # Eq. (5): one step back to x0
+        x0_hat = self.predict_x0(x_t, t, eps_hat)  # Eq. (5): one step back to x0
+        return x0_hat.clamp(*self.pixel_range), eps_hat  # into the image range (authors' code)
 
     def segment(self, x0, x0_hat):
         """Mask logits (B,1,H,W) from cat(x0, x0_hat); the seg-only ablation sees x0 alone."""
@@ -324,7 +332,7 @@ class DiffusionAD(nn.Module):
 
     def losses(self, x0, mask, n_normal, generator):
         """Alg. 1 on one batch. x0 (B,3,H,W): n_normal normal images first, then synthetic; mask (B,1,H,W)."""
-        B, T = x0.shape[0], self.cfg.timesteps
+        B, T = x0.shape[0], self.cfg.train_t or self.cfg.timesteps
         t = torch.randint(1, T + 1, (B,), generator=generator).to(x0.device)  # Alg. 1: t ~ U{1..T}
         eps = torch.randn(x0.shape, generator=generator).to(x0.device)  # Alg. 1: eps ~ N(0, I)
         out, x0_hat = {}, None
@@ -455,6 +463,25 @@ def epoch_batches(n_items, per_batch, seed, epoch):
     return torch.randperm(n_items, generator=g)[: steps * per_batch].view(steps, per_batch).tolist()
 
 
+def random_crops(x0, mask, side, generator):
+    """One side x side window per image: uniform for normal images; for synthetic ones placed so that it
+    contains a random anomalous pixel, so that a crop rarely misses the anomaly it was made for."""
+    H, W = x0.shape[-2:]
+    xs, ms = [], []
+    for img, m in zip(x0, mask):
+        r = torch.rand(3, generator=generator).tolist()
+        where = m[0].nonzero()
+        if len(where):
+            y, x = where[int(r[0] * len(where))].tolist()
+            top, left = y - int(r[1] * side), x - int(r[2] * side)
+        else:
+            top, left = int(r[1] * (H - side + 1)), int(r[2] * (W - side + 1))
+        top, left = min(max(top, 0), H - side), min(max(left, 0), W - side)
+        xs.append(img[:, top:top + side, left:left + side])
+        ms.append(m[:, top:top + side, left:left + side])
+    return torch.stack(xs), torch.stack(ms)
+
+
 def train(cfg, resume=False):
     check_config(cfg)
     device, run = pick_device(cfg), default_run_dir(cfg)
@@ -508,6 +535,8 @@ def train(cfg, resume=False):
                 x0 = to_model(torch.cat([batch["image"], batch["synthetic"]]), cfg).to(device)  # 3 + 3
                 mask = torch.cat([torch.zeros_like(batch["synthetic_mask"]), batch["synthetic_mask"]]).to(device)
                 g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # Alg. 1 noise, resumable
+                if cfg.crop:
+                    x0, mask = random_crops(x0, mask, cfg.crop, g)
                 with autocast(cfg, device):
                     loss = fwd(x0, mask, per_batch, g)
                 if not torch.isfinite(loss["total"]):

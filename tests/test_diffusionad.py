@@ -131,6 +131,44 @@ def test_batched_time_steps_equal_sequential():
     assert torch.allclose(scores, top, atol=1e-5)
 
 
+@pytest.mark.parametrize("pixel_range", ["0,1", "-1,1"])
+def test_restoration_is_clamped_to_the_pixel_range(pixel_range):
+    model = D.DiffusionAD(tiny(pixel_range=pixel_range))
+    lo = -1.0 if pixel_range == "-1,1" else 0.0
+    x0 = torch.rand(2, 3, 32, 32) * (1 - lo) + lo
+    x0_hat, _ = model.restore(x0, torch.tensor([1000, 1000]), torch.randn(2, 3, 32, 32))
+    assert x0_hat.min() >= lo and x0_hat.max() <= 1.0  # t = T divides by sqrt(alpha_bar) ~ 0.006
+    assert x0_hat.min() == lo and x0_hat.max() == 1.0  # untrained: far outside, so it is clamped
+
+
+def test_train_t_limits_the_sampled_time_steps(monkeypatch):
+    seen = []
+    model = D.DiffusionAD(tiny(train_t=300))
+    monkeypatch.setattr(model, "restore", lambda x0, t, eps: (seen.append(t) or (x0, torch.zeros_like(x0))))
+    x0, mask = fixed_batch()
+    for i in range(20):
+        model.losses(x0, mask, 3, torch.Generator().manual_seed(i))
+    t = torch.cat(seen)
+    assert t.min() >= 1 and t.max() <= 300 and t.max() > 200
+    with pytest.raises(SystemExit, match="--train-t"):
+        tiny(train_t=1001)
+
+
+def test_random_crops_keep_the_anomaly():
+    x0 = torch.arange(2 * 3 * 64 * 64, dtype=torch.float32).view(2, 3, 64, 64)
+    mask = torch.zeros(2, 1, 64, 64)
+    mask[1, 0, 60:63, 2:5] = 1  # a small anomaly in a corner of the synthetic image
+    for seed in range(20):
+        xc, mc = D.random_crops(x0, mask, 32, torch.Generator().manual_seed(seed))
+        assert xc.shape == (2, 3, 32, 32) and mc.shape == (2, 1, 32, 32)
+        assert mc[0].sum() == 0 and mc[1].sum() > 0
+        top, left = divmod(int(xc[1, 0, 0, 0]) - 3 * 64 * 64, 64)  # the window's corner, from the pixel ids
+        assert torch.equal(xc[1], x0[1, :, top:top + 32, left:left + 32])
+        assert torch.equal(mc[1], mask[1, :, top:top + 32, left:left + 32])
+    with pytest.raises(SystemExit, match="--crop"):
+        tiny(crop=48)
+
+
 @pytest.mark.parametrize("ablation", ["seg-only", "ae", "denoise-only"])
 def test_ablations_train_and_infer(ablation):
     model = D.DiffusionAD(tiny(ablation=ablation))
@@ -254,7 +292,8 @@ def make_mvtec_tree(root, n_train=12, size=40):
 def test_cli_train_eval_predict(tmp_path, capsys):
     cls = make_mvtec_tree(tmp_path)
     run = tmp_path / "run"
-    D.main(["train", "--data", str(cls), "--out", str(run), "--max-steps", "4", "--ckpt-every", "2"] + tiny_flags())
+    D.main(["train", "--data", str(cls), "--out", str(run), "--max-steps", "4", "--ckpt-every", "2", "--crop", "32"]
+           + tiny_flags(img_size=64))
     for f in ("config.json", "log.csv", "ckpt.pt", "metrics.json"):
         assert (run / f).is_file(), f
     m = json.loads((run / "metrics.json").read_text())
@@ -270,7 +309,7 @@ def test_cli_train_eval_predict(tmp_path, capsys):
     assert "Image AUROC" in out and "file reading excluded" in out
     assert json.loads((tmp_path / "m100.json").read_text())["eval_t"] == [100]
     panels = sorted((run / "maps").glob("*.png"))
-    assert len(panels) == 6 and Image.open(panels[0]).size == (4 * 32, 32)
+    assert len(panels) == 6 and Image.open(panels[0]).size == (4 * 64, 64)  # trained on crops, evaluated whole
 
     csv_path = tmp_path / "scores.csv"
     D.main(["predict", "--ckpt", str(run / "ckpt.pt"), str(cls / "test" / "hole"), str(cls / "test/good/000.png"),

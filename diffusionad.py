@@ -17,8 +17,12 @@ Deviations from the paper and the authors' code (also in README.md):
 - Time steps are 1-based as in the paper (t in [1, T], alpha_bar_0 = 1); inference at t = 100 uses
   alpha_bar_100. The authors' code indexes from 0 (its "100" is the paper's t = 101).
 - The focal loss (Eq. 7) is computed from logits (focusing parameter 2, no alpha) for stability.
-- x0_hat is not clipped before the segmentation net, in training and inference alike (only for PNGs).
+- x0_hat is clamped to the pixel range before the segmentation net (authors' code). Unclamped, x0_hat at
+  large t (divided by sqrt(alpha_bar_t) ~ 0.006) fills BatchNorm's running statistics with huge values
+  and the maps at t = 100, 200 come out flat (README, Results).
 - PRO is computed exactly (metrics.py), not with the authors' 1000 sampled thresholds.
+- Options of ours, off by default: --crop trains on crops that keep the anomaly (whole images at eval);
+  --train-t N draws Alg. 1's t from 1..N (the authors' later code uses < 300; no gain in our runs).
 """
 import argparse
 import csv

@@ -1,7 +1,7 @@
 """Compose docs/results.png from `diffusionad.py eval --save-maps` panels (input | restoration | map | truth).
 
 python docs/figure.py docs/results.png runs/mt-full runs/dagm-full
-Per run: one image of each defect type (at most 4) and one good image, in file-name order (no picking).
+Per run: one image of each defect type (at most 5) and one good image, in file-name order (no picking).
 """
 import sys
 from pathlib import Path
@@ -19,7 +19,7 @@ def picks(run):
     firsts = [next(f for f in files if f.name.startswith(k + "_")) for k in kinds]
     if len(firsts) == 1:  # one defect type (DAGM): show three of it
         firsts = [f for f in files if f.name.startswith(kinds[0] + "_")][:3]
-    return firsts[:4] + [f for f in files if f.name.startswith("good_")][:1]
+    return firsts[:5] + [f for f in files if f.name.startswith("good_")][:1]
 
 
 def main(out, runs):

@@ -307,7 +307,7 @@ class DiffusionAD(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg, self.ablation = cfg, cfg.ablation
-        self.pixel_range = (-1.0, 1.0) if cfg.pixel_range == "-1,1" else (0.0, 1.0)
+        self.pixel_range = (to_model(0.0, cfg), to_model(1.0, cfg))  # the image range the networks see
         self.denoiser = DenoisingUNet(cfg) if cfg.ablation != "seg-only" else None
         seg_in = 3 if cfg.ablation == "seg-only" else 6
         self.seg = SegmentationUNet(seg_in, cfg.seg_channels) if cfg.ablation != "denoise-only" else None

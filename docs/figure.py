@@ -15,7 +15,7 @@ def picks(run):
     files = sorted(Path(run, "maps").glob("*.png"))
     if not files:
         raise SystemExit(f"{run}/maps has no panels: run `python diffusionad.py eval --run {run} --save-maps`")
-    kinds = sorted({f.stem.rsplit("_", 1)[0].split("_")[0] for f in files} - {"good"})
+    kinds = sorted({f.stem.split("_")[0] for f in files} - {"good"})
     firsts = [next(f for f in files if f.name.startswith(k + "_")) for k in kinds]
     if len(firsts) == 1:  # one defect type (DAGM): show three of it
         firsts = [f for f in files if f.name.startswith(kinds[0] + "_")][:3]

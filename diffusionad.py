@@ -84,6 +84,7 @@ class Config:
     compile: bool = arg(False, "torch.compile the networks")
     workers: int = arg(2, "DataLoader worker processes")
     ckpt_every: int = arg(500, "steps between checkpoints (always one at the end)")
+    keep_ckpts: str = arg("", "steps whose checkpoint is also kept as ckpt_<step>.pt, e.g. 600,1200 (curves; ours)")
     log_every: float = arg(10.0, "seconds between progress lines")
 
 
@@ -92,7 +93,7 @@ CPU_PRESET = dict(img_size=64, base_channels=16, num_res_blocks=1, channel_mult=
                   seg_channels=16, max_steps=900, lr=5e-4, eval_batch=16, workers=0)
 # Fields that may change when a run is resumed; all others define the networks or the training problem.
 FREE_FIELDS = ("out", "epochs", "max_steps", "eval_t", "top_k", "eval_batch", "device", "amp", "compile",
-               "workers", "ckpt_every", "log_every")
+               "workers", "ckpt_every", "keep_ckpts", "log_every")
 ABLATIONS = ("none", "seg-only", "ae", "denoise-only")
 
 
@@ -355,7 +356,8 @@ class DiffusionAD(nn.Module):
 
     def anomaly_maps(self, x0, ts, noise):
         """Alg. 2 for a batch x0 (B,3,H,W) at all time steps ts at once.
-        noise: (len(ts)*B,3,H,W). Returns maps (B,H,W), scores (B,), x0_hat at ts[0] (B,3,H,W)."""
+        noise: (len(ts)*B,3,H,W). Returns maps (B,H,W), scores (B,), x0_hat (K*B,3,H,W) with row k*B+i
+        image i restored at ts[k] (K = 1 for the ablations without diffusion)."""
         B, K = x0.shape[0], len(ts)
         if self.ablation in ("seg-only", "ae"):
             K, ts = 1, (0,)  # no diffusion: a single pass
@@ -372,7 +374,7 @@ class DiffusionAD(nn.Module):
         maps = maps.float().view(K, B, *maps.shape[1:]).mean(0)  # Alg. 2: average over time steps
         k = min(self.cfg.top_k, maps[0].numel())
         scores = maps.flatten(1).topk(k, dim=1).values.mean(1)  # Alg. 2: mean of the top-K pixels
-        return maps, scores, x0_hat[:B]
+        return maps, scores, x0_hat
 
 
 # ----------------------------------------------------------------------------- runs, checkpoints, devices
@@ -556,6 +558,8 @@ def train(cfg, resume=False):
                 if step % cfg.ckpt_every == 0 or step == total:
                     save_checkpoint(ckpt_path, model, opt, step, cfg, seconds0 + now - t_start)
                     saved_step = step
+                if step in ints(cfg.keep_ckpts):
+                    save_checkpoint(run / f"ckpt_{step}.pt", model, opt, step, cfg, seconds0 + now - t_start)
                 if now - t_print >= cfg.log_every or step == total or step == step0 + 1:
                     t_print, rate = now, (step - step0) / max(now - t_start, 1e-9)
                     parts = " ".join(f"{k} {v.item():.4f}" for k, v in loss.items())
@@ -591,20 +595,24 @@ def sync(device):
 
 def run_inference(model, images, cfg, ts, device, seed, keep_restorations=False):
     """Alg. 2 over images (N,3,H,W) in [0, 1], in batches of cfg.eval_batch, both time steps batched.
-    Returns maps (N,H,W) and scores (N,) as numpy, and restorations in [0, 1] (N,3,H,W) if asked."""
+    Returns maps (N,H,W) and scores (N,) as numpy, the squared error of each restoration (N,K) per time
+    step, and the restorations at ts[0] in [0, 1] (N,3,H,W) if asked."""
     g = torch.Generator(device=device).manual_seed(seed)  # evaluation noise: reproducible
-    maps, scores, restored = [], [], []
+    maps, scores, mse, restored = [], [], [], []
     model.eval().to(memory_format=torch.channels_last if cfg.amp else torch.contiguous_format)  # bf16 likes NHWC
     with torch.inference_mode(), autocast(cfg, device):
         for i in range(0, len(images), cfg.eval_batch):
             x0 = to_model(images[i: i + cfg.eval_batch].to(device), cfg)
             noise = torch.randn((len(ts) * len(x0), *x0.shape[1:]), generator=g, device=device)
             m, s, x0_hat = model.anomaly_maps(x0, ts, noise)
+            x0_hat = from_model(x0_hat.float(), cfg).view(-1, *x0.shape)  # (K,B,3,H,W) in [0, 1]
             maps.append(m.float().cpu())
             scores.append(s.float().cpu())
+            mse.append((x0_hat - from_model(x0.float(), cfg)).pow(2).mean((2, 3, 4)).t().cpu())  # (B,K)
             if keep_restorations:
-                restored.append(from_model(x0_hat.float(), cfg).cpu())
-    return torch.cat(maps).numpy(), torch.cat(scores).numpy(), (torch.cat(restored) if keep_restorations else None)
+                restored.append(x0_hat[0].cpu())
+    return (torch.cat(maps).numpy(), torch.cat(scores).numpy(), torch.cat(mse).numpy(),
+            torch.cat(restored) if keep_restorations else None)
 
 
 def evaluate_model(model, cfg, data_path, ts, device, maps_dir=None):
@@ -618,10 +626,13 @@ def evaluate_model(model, cfg, data_path, ts, device, maps_dir=None):
     run_inference(model, images[: cfg.eval_batch], cfg, ts, device, cfg.seed)  # warm-up
     sync(device)
     t0 = time.perf_counter()
-    maps, scores, restored = run_inference(model, images, cfg, ts, device, cfg.seed, maps_dir is not None)
+    maps, scores, mse, restored = run_inference(model, images, cfg, ts, device, cfg.seed, maps_dir is not None)
     sync(device)
     fps = len(images) / (time.perf_counter() - t0)
     res = metrics.evaluate(maps, masks, labels, scores)
+    if model.denoiser is not None and model.ablation != "ae" and (labels == 0).any():  # restoration of good images
+        psnr = -10 * np.log10(np.maximum(mse[labels == 0], 1e-10)).mean(0)
+        res["restoration_psnr_good"] = {str(t): round(float(p), 2) for t, p in zip(ts, psnr)}
     res.update(fps=round(fps, 3), n_test_good=int((labels == 0).sum()), n_test_anomalous=int((labels == 1).sum()),
                eval_t=list(ts), data=str(data_path), device=str(device))
     print(f"{data_path} (t = {','.join(map(str, ts))}, {len(images)} test images: {res['n_test_good']} good, "
@@ -630,6 +641,9 @@ def evaluate_model(model, cfg, data_path, ts, device, maps_dir=None):
     print("  " + "  ".join(f"{100 * res[k]:>{w}.1f}" for k, w in
                            (("image_auroc", 11), ("pixel_auroc", 11), ("pixel_pro", 9), ("image_ap", 8), ("pixel_ap", 8)))
           + f"  {fps:>5.1f}")
+    if "restoration_psnr_good" in res:
+        print("  restoration PSNR of the good test images (dB): "
+              + ", ".join(f"t={t} {p:.1f}" for t, p in res["restoration_psnr_good"].items()))
     print(f"  FPS = test images/s through both networks at all time steps incl. the top-{cfg.top_k} score, "
           f"batch {cfg.eval_batch} on {device}, after a warm-up, file reading excluded")
     if maps_dir is not None:
@@ -705,7 +719,7 @@ def predict_cmd(a):
     used = set()
     for i in range(0, len(files), 64):  # a chunk of files at a time: any folder size fits in memory
         images = torch.stack([data.load_image(f, cfg.img_size) for f in files[i: i + 64]])
-        maps, scores, _ = run_inference(model, images, cfg, ints(cfg.eval_t), device, cfg.seed + i)
+        maps, scores, _, _ = run_inference(model, images, cfg, ints(cfg.eval_t), device, cfg.seed + i)
         for f, img, m, s in zip(files[i: i + 64], images, maps, scores):
             png = out / (f"{f.stem}_map.png" if f.stem not in used else f"{f.parent.name}_{f.stem}_{len(used)}_map.png")
             used.add(f.stem)

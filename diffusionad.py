@@ -25,6 +25,7 @@ Deviations from the paper and the authors' code (also in README.md):
   --train-t N draws Alg. 1's t from 1..N (the authors' later code uses < 300; no gain in our runs).
 """
 import argparse
+import copy
 import csv
 import json
 import math
@@ -72,6 +73,12 @@ class Config:
     gamma: float = arg(5.0, "focal-loss weight in L_mask, Eq. 7 / Sec. 4.2")
     batch_size: int = arg(6, "images per step, half normal half synthetic: 3 + 3, Sec. 4.2")
     lr: float = arg(1e-4, "Adam learning rate, one optimizer over both networks, Sec. 4.2")
+    lr_schedule: str = arg("constant", "constant (paper) | cosine: linear warm-up, then cosine decay to 0 at the last step (ours)")
+    warmup: int = arg(0, "warm-up steps of the cosine schedule (ours)")
+    ema: float = arg(0.0, "if > 0, evaluate an exponential moving average of the denoiser's weights with this decay (ours; the paper uses none)")
+    seg_grad: str = arg("full", "the mask loss's gradient into the denoiser through Eq. 5: full (paper) | none | scaled (times sqrt(alpha_bar_t)) (ours)")
+    seg_norm: str = arg("batch", "segmentation net normalization: batch (DRAEM) | group (no running statistics; ours)")
+    bn_recal: int = arg(0, "if > 0, after training re-estimate the seg net's BatchNorm statistics on this many training batches restored at --eval-t (ours)")
     epochs: int = arg(500, "training epochs, Sec. 4.2")
     max_steps: int = arg(0, "if > 0, train this many steps instead of `epochs` (ours, for CPU budgets)")
     eval_t: str = arg("100,200", "inference time steps whose maps are averaged, Sec. 4.2 / Table 4")
@@ -93,8 +100,10 @@ CPU_PRESET = dict(img_size=64, base_channels=16, num_res_blocks=1, channel_mult=
                   seg_channels=16, max_steps=900, lr=5e-4, eval_batch=16, workers=0)
 # Fields that may change when a run is resumed; all others define the networks or the training problem.
 FREE_FIELDS = ("out", "epochs", "max_steps", "eval_t", "top_k", "eval_batch", "device", "amp", "compile",
-               "workers", "ckpt_every", "keep_ckpts", "log_every")
+               "workers", "ckpt_every", "keep_ckpts", "log_every", "bn_recal")
 ABLATIONS = ("none", "seg-only", "ae", "denoise-only")
+CHOICES = {"ablation": ABLATIONS, "pixel_range": ("0,1", "-1,1"), "lr_schedule": ("constant", "cosine"),
+           "seg_grad": ("full", "none", "scaled"), "seg_norm": ("batch", "group")}
 
 
 def ints(text):
@@ -113,10 +122,11 @@ def channel_mult(cfg):
 def check_config(cfg):
     mult = channel_mult(cfg)
     problems = []
-    if cfg.ablation not in ABLATIONS:
-        problems.append(f"--ablation must be one of {', '.join(ABLATIONS)}, got {cfg.ablation!r}")
-    if cfg.pixel_range not in ("0,1", "-1,1"):
-        problems.append(f"--pixel-range must be '0,1' or '-1,1', got {cfg.pixel_range!r}")
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            problems.append(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
+    if not 0 <= cfg.ema < 1:
+        problems.append(f"--ema must be in [0, 1) (0 = off), got {cfg.ema}")
     if cfg.batch_size < 2 or cfg.batch_size % 2:
         problems.append(f"--batch-size must be even (half normal, half synthetic), got {cfg.batch_size}")
     if cfg.img_size % 32 or cfg.img_size % 2 ** (len(mult) - 1):
@@ -267,21 +277,22 @@ class DenoisingUNet(nn.Module):
 
 # ----------------------------------------------------------------------------- segmentation sub-network
 
-def conv_bn_relu(cin, cout):
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+def conv_bn_relu(cin, cout, group_norm=False):
+    bn = nn.GroupNorm(math.gcd(8, cout), cout) if group_norm else nn.BatchNorm2d(cout)
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), bn, nn.ReLU(inplace=True))
 
 
 class SegmentationUNet(nn.Module):
     """DRAEM-style discriminative U-Net: cat(x0, x0_hat) (B,6,H,W) -> mask logits (B,1,H,W)."""
-    def __init__(self, in_ch, base, depth=6):
+    def __init__(self, in_ch, base, depth=6, group_norm=False):
         super().__init__()
         w = [base * min(2 ** i, 8) for i in range(depth)]  # 64, 128, 256, 512, 512, 512 at base 64
-        self.enc = nn.ModuleList(nn.Sequential(conv_bn_relu(in_ch if i == 0 else w[i - 1], w[i]),
-                                               conv_bn_relu(w[i], w[i])) for i in range(depth))
+        cbr = lambda cin, cout: conv_bn_relu(cin, cout, group_norm)
+        self.enc = nn.ModuleList(nn.Sequential(cbr(in_ch if i == 0 else w[i - 1], w[i]), cbr(w[i], w[i]))
+                                 for i in range(depth))
         self.up = nn.ModuleList(nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
-                                              conv_bn_relu(w[i + 1], w[i])) for i in reversed(range(depth - 1)))
-        self.dec = nn.ModuleList(nn.Sequential(conv_bn_relu(2 * w[i], w[i]), conv_bn_relu(w[i], w[i]))
-                                 for i in reversed(range(depth - 1)))
+                                              cbr(w[i + 1], w[i])) for i in reversed(range(depth - 1)))
+        self.dec = nn.ModuleList(nn.Sequential(cbr(2 * w[i], w[i]), cbr(w[i], w[i])) for i in reversed(range(depth - 1)))
         self.out = nn.Conv2d(base, 1, 3, padding=1)
 
     def forward(self, x):
@@ -311,7 +322,8 @@ class DiffusionAD(nn.Module):
         self.pixel_range = (to_model(0.0, cfg), to_model(1.0, cfg))  # the image range the networks see
         self.denoiser = DenoisingUNet(cfg) if cfg.ablation != "seg-only" else None
         seg_in = 3 if cfg.ablation == "seg-only" else 6
-        self.seg = SegmentationUNet(seg_in, cfg.seg_channels) if cfg.ablation != "denoise-only" else None
+        self.seg = (SegmentationUNet(seg_in, cfg.seg_channels, group_norm=cfg.seg_norm == "group")
+                    if cfg.ablation != "denoise-only" else None)
         sqrt_ab, sqrt_1mab = make_schedule(cfg)
         self.register_buffer("sqrt_ab", sqrt_ab, persistent=False)  # derived from cfg, not saved
         self.register_buffer("sqrt_1mab", sqrt_1mab, persistent=False)
@@ -348,6 +360,11 @@ class DiffusionAD(nn.Module):
             else:
                 out["noise"] = F.mse_loss(eps_hat[:n_normal], eps[:n_normal])  # Eq. (6), normal half
         if self.seg is not None:
+            if x0_hat is not None and self.cfg.seg_grad == "none":  # ours: no mask-loss gradient into the denoiser
+                x0_hat = x0_hat.detach()
+            elif x0_hat is not None and self.cfg.seg_grad == "scaled":  # ours: undo Eq. 5's 1/sqrt(alpha_bar_t)
+                k = extract(self.sqrt_ab, t)  # same values, gradient times k
+                x0_hat = x0_hat.detach() + k * (x0_hat - x0_hat.detach())
             logits = self.segment(x0, x0_hat)  # Alg. 1: M_hat = seg(cat(x0, x0_hat))
             out["mask"] = F.smooth_l1_loss(torch.sigmoid(logits), mask) \
                 + self.cfg.gamma * focal_loss(logits, mask)  # Eq. (7)
@@ -406,11 +423,13 @@ def default_run_dir(cfg):
     return Path(cfg.out) if cfg.out else Path("runs") / (name + ("" if cfg.ablation == "none" else "-" + cfg.ablation))
 
 
-def save_checkpoint(path, model, opt, step, cfg, seconds=0.0):
+def save_checkpoint(path, model, opt, step, cfg, seconds=0.0, ema=None):
     """Atomic: write a temporary file, then rename. Loadable with torch.load(weights_only=True)."""
     state = {"denoiser": model.denoiser.state_dict() if model.denoiser is not None else {},
              "seg": model.seg.state_dict() if model.seg is not None else {},
              "optimizer": opt.state_dict(), "step": step, "seconds": seconds, "config": asdict(cfg)}
+    if ema is not None:
+        state["denoiser_ema"] = ema.state_dict()
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -440,14 +459,16 @@ def check_same_run(saved, cfg, path):
         raise SystemExit(f"{path} was trained with another configuration:\n  " + "\n  ".join(diff))
 
 
-def build_model(cfg, ckpt=None, device="cpu"):
+def build_model(cfg, ckpt=None, device="cpu", use_ema=False):
+    """The model, with the checkpoint's weights if given (use_ema: the denoiser's EMA weights, if saved)."""
     model = DiffusionAD(cfg)
     if ckpt is not None:
         for name in ("denoiser", "seg"):
             net = getattr(model, name)
             if net is not None:
                 try:
-                    net.load_state_dict(ckpt[name])
+                    net.load_state_dict(ckpt["denoiser_ema" if name == "denoiser" and use_ema and
+                                             "denoiser_ema" in ckpt else name])
                 except RuntimeError as e:
                     raise SystemExit(f"checkpoint weights of the {name} do not fit its config: {str(e)[:500]}")
     return model.to(device)
@@ -467,6 +488,57 @@ def epoch_batches(n_items, per_batch, seed, epoch):
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     steps = n_items // per_batch
     return torch.randperm(n_items, generator=g)[: steps * per_batch].view(steps, per_batch).tolist()
+
+
+def lr_at(step, cfg, total):
+    """The learning rate of 0-based `step`: constant (paper), or linear warm-up then cosine decay to 0 (ours)."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / max(total - cfg.warmup, 1)))
+
+
+def make_trainset(cfg):
+    normal = data.open_dataset(cfg.data, "train", cfg.img_size, foreground=cfg.foreground)
+    return data.TrainSet(normal, seed=cfg.seed, texture_dir=cfg.texture_dir or None, foreground=cfg.foreground)
+
+
+def training_batch(batch, cfg, device):
+    """A DataLoader batch of TrainSet items -> x0 (B,3,H,W) normal then synthetic, mask (B,1,H,W)."""
+    x0 = to_model(torch.cat([batch["image"], batch["synthetic"]]), cfg).to(device)  # 3 + 3
+    mask = torch.cat([torch.zeros_like(batch["synthetic_mask"]), batch["synthetic_mask"]]).to(device)
+    return x0, mask
+
+
+def recalibrate_bn(model, cfg, trainset, device, n_batches):
+    """Re-estimate the seg net's BatchNorm statistics on inference-like inputs (ours): training batches,
+    normal and synthetic, restored at the inference time steps (training sees t up to T)."""
+    bns = [m for m in model.seg.modules() if isinstance(m, nn.BatchNorm2d)]
+    if not bns or n_batches <= 0:
+        return
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches below
+    ts, g = ints(cfg.eval_t), torch.Generator().manual_seed(cfg.seed + 7)
+    trainset.set_epoch(10 ** 6)  # synthetic anomalies the training never saw
+    batches = epoch_batches(len(trainset), cfg.batch_size // 2, cfg.seed, 10 ** 6)[:n_batches]
+    model.eval()
+    model.seg.train()
+    with torch.no_grad(), autocast(cfg, device):
+        for batch in torch.utils.data.DataLoader(trainset, batch_sampler=batches, num_workers=cfg.workers):
+            x0, _ = training_batch(batch, cfg, device)
+            if cfg.crop:
+                x0, _ = random_crops(x0, torch.zeros_like(x0[:, :1]), cfg.crop, g)
+            x0_hat = x0
+            if model.denoiser is not None:
+                t = torch.tensor(ts)[torch.randint(len(ts), (len(x0),), generator=g)].to(device)
+                x0_hat, _ = model.restore(x0, t, torch.randn(x0.shape, generator=g).to(device))
+            model.segment(x0, x0_hat)
+    for m in bns:
+        m.momentum = 0.1
+    model.eval()
+    print(f"re-estimated the seg net's BatchNorm statistics on {len(batches)} training batches at t = {cfg.eval_t}")
 
 
 def random_crops(x0, mask, side, generator):
@@ -504,8 +576,7 @@ def train(cfg, resume=False):
     (run / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
     torch.manual_seed(cfg.seed)  # weights (and dropout)
-    normal = data.open_dataset(cfg.data, "train", cfg.img_size, foreground=cfg.foreground)
-    trainset = data.TrainSet(normal, seed=cfg.seed, texture_dir=cfg.texture_dir or None, foreground=cfg.foreground)
+    trainset = make_trainset(cfg)
     per_batch = cfg.batch_size // 2  # items; each gives one normal and one synthetic image
     steps_per_epoch = len(trainset) // per_batch
     if steps_per_epoch == 0:
@@ -514,6 +585,11 @@ def train(cfg, resume=False):
 
     model = build_model(cfg, ckpt, device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)  # one optimizer over both sub-networks
+    ema = None
+    if cfg.ema and model.denoiser is not None:  # ours: EMA of the denoiser's weights, used for evaluation
+        ema = copy.deepcopy(model.denoiser).requires_grad_(False)
+        if ckpt is not None:
+            ema.load_state_dict(ckpt["denoiser_ema"])
     step, seconds0 = 0, 0.0
     if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer"])
@@ -538,8 +614,7 @@ def train(cfg, resume=False):
             batches = epoch_batches(len(trainset), per_batch, cfg.seed, epoch)[start:]
             loader = torch.utils.data.DataLoader(trainset, batch_sampler=batches, num_workers=cfg.workers)
             for batch in loader:
-                x0 = to_model(torch.cat([batch["image"], batch["synthetic"]]), cfg).to(device)  # 3 + 3
-                mask = torch.cat([torch.zeros_like(batch["synthetic_mask"]), batch["synthetic_mask"]]).to(device)
+                x0, mask = training_batch(batch, cfg, device)
                 g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # Alg. 1 noise, resumable
                 if cfg.crop:
                     x0, mask = random_crops(x0, mask, cfg.crop, g)
@@ -550,16 +625,22 @@ def train(cfg, resume=False):
                                      f"checkpoint (step {saved_step}) is kept at {ckpt_path}")
                 opt.zero_grad(set_to_none=True)
                 loss["total"].backward()
+                lr = lr_at(step, cfg, total)
+                for group in opt.param_groups:
+                    group["lr"] = lr
                 opt.step()
+                if ema is not None:
+                    with torch.no_grad():
+                        torch._foreach_lerp_(list(ema.parameters()), list(model.denoiser.parameters()), 1 - cfg.ema)
                 step += 1
                 now = time.time()
                 writer.writerow([step] + [f"{loss[k].item():.6f}" if k in loss else "" for k in
-                                          ("total", "noise", "rec", "mask")] + [cfg.lr, f"{seconds0 + now - t_start:.2f}"])
+                                          ("total", "noise", "rec", "mask")] + [lr, f"{seconds0 + now - t_start:.2f}"])
                 if step % cfg.ckpt_every == 0 or step == total:
-                    save_checkpoint(ckpt_path, model, opt, step, cfg, seconds0 + now - t_start)
+                    save_checkpoint(ckpt_path, model, opt, step, cfg, seconds0 + now - t_start, ema)
                     saved_step = step
                 if step in ints(cfg.keep_ckpts):
-                    save_checkpoint(run / f"ckpt_{step}.pt", model, opt, step, cfg, seconds0 + now - t_start)
+                    save_checkpoint(run / f"ckpt_{step}.pt", model, opt, step, cfg, seconds0 + now - t_start, ema)
                 if now - t_print >= cfg.log_every or step == total or step == step0 + 1:
                     t_print, rate = now, (step - step0) / max(now - t_start, 1e-9)
                     parts = " ".join(f"{k} {v.item():.4f}" for k, v in loss.items())
@@ -575,6 +656,14 @@ def train(cfg, resume=False):
         log.close()
     train_seconds = seconds0 + time.time() - t_start
     print(f"trained {step - step0} steps in {fmt_time(train_seconds)}; evaluating the final model on the test split")
+    if ema is not None:
+        model.denoiser.load_state_dict(ema.state_dict())
+    if cfg.bn_recal:  # saved in the checkpoint, so that eval and predict use the same statistics
+        recalibrate_bn(model, cfg, trainset, device, cfg.bn_recal)
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        state["seg"] = model.seg.state_dict()
+        torch.save(state, ckpt_path.with_name("ckpt.pt.tmp"))
+        os.replace(ckpt_path.with_name("ckpt.pt.tmp"), ckpt_path)
     res = evaluate_model(model, cfg, cfg.data, ints(cfg.eval_t), device)
     res["train_seconds"] = round(train_seconds, 1)
     write_metrics(run / "metrics.json", res, cfg)
@@ -686,7 +775,10 @@ def open_run(a):
     cfg = check_config(replace(cfg, device=a.device, amp=a.amp, eval_t=a.t or cfg.eval_t,
                                eval_batch=a.batch or cfg.eval_batch))
     device = pick_device(cfg)
-    return build_model(cfg, state, device).eval(), cfg, device, path, state
+    model = build_model(cfg, state, device, use_ema=cfg.ema > 0).eval()
+    if getattr(a, "bn_recal", None):
+        recalibrate_bn(model, cfg, make_trainset(cfg), device, a.bn_recal)
+    return model, cfg, device, path, state
 
 
 def evaluate_cmd(a):
@@ -828,6 +920,8 @@ def main(argv=None):
     e.add_argument("--json", help="where to write the metrics (default: <run>/metrics.json)")
     e.add_argument("--device", default="auto")
     e.add_argument("--amp", action="store_true", help="bf16 autocast")
+    e.add_argument("--bn-recal", type=int, default=0, help="first re-estimate the seg net's BatchNorm statistics "
+                   "on this many training batches at the inference time steps (ours)")
     r = sub.add_parser("predict", help="score your own images, write heatmaps", allow_abbrev=False)
     r.add_argument("inputs", nargs="+", help="image files or folders")
     r.add_argument("--ckpt", help="checkpoint file (default: the most recent run)")

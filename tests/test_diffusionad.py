@@ -106,6 +106,55 @@ def test_mask_loss_gradient_reaches_the_denoiser():
     assert sum(g.abs().sum().item() for g in grads) > 0
 
 
+@pytest.mark.parametrize("seg_grad", ["none", "scaled"])
+def test_seg_grad_options_change_only_the_denoiser_gradient(seg_grad):
+    x0, mask = fixed_batch()
+    grads = {}
+    for mode in ("full", seg_grad):
+        torch.manual_seed(0)
+        model = D.DiffusionAD(tiny(seg_grad=mode))
+        out = model.losses(x0, mask, 3, torch.Generator().manual_seed(0))
+        out["mask"].backward()
+        grads[mode] = ([p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.denoiser.parameters()],
+                       [p.grad.clone() for p in model.seg.parameters()], out["total"].item())
+    full, other = grads["full"], grads[seg_grad]
+    assert full[2] == other[2]  # same losses: only the backward pass differs
+    assert all(torch.equal(a, b) for a, b in zip(full[1], other[1]))  # the seg net's gradient is unchanged
+    norm = lambda gs: sum(g.abs().sum().item() for g in gs)
+    if seg_grad == "none":
+        assert norm(other[0]) == 0 and norm(full[0]) > 0
+    else:  # scaled by sqrt(alpha_bar_t) <= 1: smaller, not zero
+        assert 0 < norm(other[0]) < norm(full[0])
+
+
+def test_cosine_schedule_warms_up_and_decays_to_zero():
+    cfg = tiny(lr=1e-3, lr_schedule="cosine", warmup=10)
+    lrs = [D.lr_at(s, cfg, 100) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3) and lrs[10] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 1e-5
+    assert D.lr_at(50, tiny(lr=1e-3), 100) == 1e-3  # the paper's constant rate
+
+
+def test_group_norm_seg_net_has_no_running_statistics():
+    model = D.DiffusionAD(tiny(seg_norm="group"))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.seg.modules())
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in model.seg.modules()) > 10
+
+
+def test_bn_recalibration_uses_inference_time_steps(monkeypatch):
+    cfg = tiny(data="synthetic", eval_t="100,200")
+    model = D.build_model(cfg)
+    trainset = D.make_trainset(cfg)
+    seen = []
+    restore = model.restore
+    monkeypatch.setattr(model, "restore", lambda x0, t, eps: (seen.append(t), restore(x0, t, eps))[1])
+    bn = next(m for m in model.seg.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    D.recalibrate_bn(model, cfg, trainset, torch.device("cpu"), 3)
+    assert set(torch.cat(seen).tolist()) <= {100, 200} and len(seen) == 3
+    assert int(bn.num_batches_tracked) == 3 and bn.momentum == 0.1 and not model.training
+    assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))
+
+
 def test_noise_loss_uses_only_the_normal_half():
     model = D.DiffusionAD(tiny())
     x0, mask = fixed_batch()
@@ -209,6 +258,19 @@ def test_resume_continues_the_same_trajectory(tmp_path):
     assert all(torch.allclose(wf[k], wp[k], atol=1e-6) for k in wf)
     steps = [r.split(",")[0] for r in (tmp_path / "part" / "log.csv").read_text().splitlines()[1:]]
     assert steps == ["1", "2", "3", "4", "5"]
+
+
+def test_ema_and_schedule_resume_exactly(tmp_path):
+    flags = tiny_flags(data="synthetic", ema=0.9, lr_schedule="cosine", warmup=2, ckpt_every=3)
+    D.main(["train", *flags, "--max-steps", "6", "--out", str(tmp_path / "a")])
+    D.main(["train", *flags, "--max-steps", "3", "--out", str(tmp_path / "b")])
+    D.main(["train", *flags, "--max-steps", "6", "--out", str(tmp_path / "b"), "--resume"])
+    a, b = (torch.load(tmp_path / r / "ckpt.pt", weights_only=True) for r in "ab")
+    for k in a["denoiser_ema"]:
+        assert torch.equal(a["denoiser_ema"][k], b["denoiser_ema"][k]), k
+    assert not all(torch.equal(a["denoiser_ema"][k], a["denoiser"][k]) for k in a["denoiser"])
+    lr = [float(r.split(",")[5]) for r in (tmp_path / "a" / "log.csv").read_text().splitlines()[1:]]
+    assert lr[0] < lr[1] and lr[-1] < lr[2]  # warm-up, then decay
 
 
 def test_resume_errors(tmp_path):

@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -92,11 +93,81 @@ def _rgb(im: Image.Image, size: int) -> np.ndarray:
 
 def _binary(im: Image.Image, size: int) -> np.ndarray:
     """Mask image -> float32 HxW of 0/1: non-zero at native resolution, then nearest resize."""
+    return _nearest(_nonzero(im), size).astype(np.float32)
+
+
+def _nonzero(im: Image.Image) -> np.ndarray:
     a = np.asarray(im)
     if a.ndim == 3:
         a = a[..., :3 if a.shape[2] >= 3 else 1].any(axis=2)     # alpha ignored
-    m = Image.fromarray((a != 0).astype(np.uint8) * 255).resize((size, size), Image.NEAREST)
-    return (np.asarray(m) > 0).astype(np.float32)
+    return a != 0
+
+
+def _nearest(a: np.ndarray, size: int) -> np.ndarray:
+    """Nearest-neighbour resize of a bool HxW array: each output pixel samples the source pixel under its centre."""
+    rows = np.minimum(((np.arange(size) + 0.5) * a.shape[0] / size).astype(int), a.shape[0] - 1)
+    cols = np.minimum(((np.arange(size) + 0.5) * a.shape[1] / size).astype(int), a.shape[1] - 1)
+    return a[rows][:, cols]
+
+
+def defect_mask(im: Image.Image, size: int) -> tuple[np.ndarray, int]:
+    """A ground-truth mask at size x size: nearest resize, except that a defect region (8-connected) that
+    no output pixel samples, such as a 2-px scratch at a quarter of its size, keeps one pixel, at its
+    centre. Returns (float32 HxW of 0/1, how many regions were kept that way)."""
+    a = _nonzero(im)
+    m = _nearest(a, size)
+    labels, n = ndimage.label(a, np.ones((3, 3), bool))
+    lost = sorted(set(range(1, n + 1)) - set(np.unique(_nearest(labels, size)).tolist())) if n else []
+    for cy, cx in ndimage.center_of_mass(a, labels, lost) if lost else []:
+        m[min(int(cy * size / a.shape[0]), size - 1), min(int(cx * size / a.shape[1]), size - 1)] = True
+    return m.astype(np.float32), len(lost)
+
+
+def probe(path) -> tuple[int, int] | str:
+    """A fast check of an image file without decoding its pixels: the header must parse and a PNG or JPEG
+    must end with its end marker (a truncated file does not). Returns (width, height), or what is wrong."""
+    try:
+        with Image.open(path) as im:
+            size, fmt = im.size, im.format
+        with open(path, "rb") as f:
+            f.seek(max(0, Path(path).stat().st_size - 64))
+            tail = f.read()
+    except Exception as e:                          # OSError, PIL.UnidentifiedImageError, SyntaxError...
+        return f"not a readable image ({type(e).__name__}: {e})"
+    if (fmt == "PNG" and b"IEND" not in tail[-12:]) or (fmt == "JPEG" and b"\xff\xd9" not in tail):
+        return f"truncated {fmt} file (no end marker)"
+    return size
+
+
+def check_split(ds) -> list[str]:
+    """Every problem of a dataset split at once, one line each: unreadable or truncated images and masks,
+    masks whose size differs from their image's. Header checks only (see probe)."""
+    problems = []
+    for path, mpath, _, _ in getattr(ds, "records", []):
+        size = probe(path)
+        if isinstance(size, str):
+            problems.append(f"{path}: {size}")
+        if mpath is not None:
+            msize = probe(mpath)
+            if isinstance(msize, str):
+                problems.append(f"{mpath} (mask of {Path(path).name}): {msize}")
+            elif not isinstance(size, str) and msize != size:
+                problems.append(f"{mpath}: mask is {msize[0]}x{msize[1]} but its image is {size[0]}x{size[1]}; "
+                                "resize the mask to its image or replace it")
+    return problems
+
+
+def check_dataset(path, img_size: int, foreground: str = "auto") -> tuple[dict, list[str]]:
+    """Both splits of a dataset and every problem found in them at once: a layout error (missing folder or
+    mask, empty split...) or a file that check_split finds bad. Returns ({split: dataset}, problems)."""
+    splits, problems = {}, []
+    for split in ("train", "test"):
+        try:
+            splits[split] = open_dataset(path, split, img_size, foreground=foreground)
+            problems += check_split(splits[split])
+        except (FileNotFoundError, ValueError) as e:
+            problems.append(str(e))
+    return splits, list(dict.fromkeys(problems))   # a missing folder fails both splits alike
 
 
 def _images(folder: Path) -> list[Path]:
@@ -111,6 +182,21 @@ def _chw(a: np.ndarray) -> torch.Tensor:
 def load_image(path, img_size: int) -> torch.Tensor:
     """A user's image as the model sees it: float32 3xHxW in [0, 1]; errors name the file."""
     return _chw(_rgb(_open(path), img_size))
+
+
+def to_uint8(x) -> np.ndarray:
+    """(3,H,W) tensor in [0, 1] -> (H,W,3) uint8, for PNG panels."""
+    return _u8(x.permute(1, 2, 0).numpy())
+
+
+def heatmap(m) -> np.ndarray:
+    """(H,W) map in [0, 1] -> (H,W,3) uint8, blue (normal) to red (anomalous): a jet-like colour scale."""
+    v = np.clip(m, 0, 1)[..., None]
+    return _u8(np.clip(1.5 - np.abs(4 * v - np.array([3.0, 2.0, 1.0])), 0, 1))
+
+
+def save_png(path, array):
+    Image.fromarray(array).save(path)
 
 
 def _item(img, mask, label, defect, path) -> dict:
@@ -139,15 +225,15 @@ class ImageDataset(Dataset):
     def __getitem__(self, i):
         path, mpath, label, defect = self.records[i]
         im = _open(path)
-        mask = np.zeros((self.img_size, self.img_size), np.float32)
+        mask, kept = np.zeros((self.img_size, self.img_size), np.float32), 0
         if mpath is not None:
             m = _open(mpath)
             if m.size != im.size and not self._warned:
                 self._warned = True
                 warnings.warn(f"mask {mpath} is {m.size[0]}x{m.size[1]} but its image {path} is "
                               f"{im.size[0]}x{im.size[1]}; resizing (warned once per dataset)", stacklevel=2)
-            mask = _binary(m, self.img_size)
-        return _item(_rgb(im, self.img_size), mask, label, defect, path)
+            mask, kept = defect_mask(m, self.img_size)
+        return {**_item(_rgb(im, self.img_size), mask, label, defect, path), "regions_kept": kept}
 
     def foreground_mask(self, i):
         """Bool HxW from ``CLASS/foreground/<stem>.*``, or None when there is no such file."""
@@ -157,27 +243,25 @@ class ImageDataset(Dataset):
 
 
 def _mvtec(root: Path, split: str):
-    if not ((root / "train").is_dir() and (root / "test").is_dir()):
-        return None
-    layout = "visa-1cls" if (root / "test" / "bad").is_dir() else "mvtec"
     if split == "train":
-        return [(p, None, 0, "good") for p in _images(root / "train" / "good")], layout
-    recs = []
+        return [(p, None, 0, "good") for p in _images(root / "train" / "good")]
+    recs, missing = [], []
     for d in sorted(p for p in (root / "test").iterdir() if p.is_dir()):
         gt = root / "ground_truth" / d.name
         # <stem>_mask.png (MVTec) or <stem>.png (VisA 1cls); the former wins when both exist
         masks = {m.stem.removesuffix("_mask"): m for m in sorted(_images(gt), key=lambda p: p.stem.endswith("_mask"))}
         for p in _images(d):
             if d.name != "good" and p.stem not in masks:
-                raise FileNotFoundError(f"anomalous test image {p} has no mask: expected "
-                                        f"{gt / (p.stem + '_mask.png')} or {gt / (p.stem + '.png')}")
-            recs.append((p, None, 0, "good") if d.name == "good" else (p, masks[p.stem], 1, d.name))
-    return recs, layout
+                missing.append(f"{p} has no mask: expected {gt / (p.stem + '_mask.png')} or {gt / (p.stem + '.png')}")
+            else:
+                recs.append((p, None, 0, "good") if d.name == "good" else (p, masks[p.stem], 1, d.name))
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} anomalous test image(s) without a mask: " + "; ".join(missing[:5])
+                                + ("; ..." if len(missing) > 5 else ""))
+    return recs
 
 
 def _visa_raw(root: Path, split: str):
-    if not (root / "Data" / "Images").is_dir():
-        return None
     csv_path = root.parent / "split_csv" / "1cls.csv"
     if not csv_path.is_file():
         raise FileNotFoundError(f"{root} looks like the raw VisA release (Data/Images) but the split file "
@@ -203,12 +287,10 @@ def _visa_raw(root: Path, split: str):
             if p is not None and not p.is_file():
                 raise FileNotFoundError(f"{csv_path} lists {p}, which does not exist")
         recs.append((img, mask, label, "good" if label == 0 else r["label"]))
-    return recs, "visa-raw"
+    return recs
 
 
 def _dagm(root: Path, split: str):
-    if not any((root / s / "Label" / "Labels.txt").is_file() for s in ("Train", "Test")):
-        return None
     sub = root / ("Train" if split == "train" else "Test")
     labels = sub / "Label" / "Labels.txt"
     if not labels.is_file():
@@ -232,7 +314,7 @@ def _dagm(root: Path, split: str):
     unlisted = sorted(p.name for p in _images(sub) if p.name not in listed)
     if unlisted:
         raise ValueError(f"{sub}: {len(unlisted)} images not listed in {labels}, e.g. {unlisted[:3]}")
-    return recs, "dagm"
+    return recs
 
 
 def open_dataset(path, split: str, img_size: int, foreground: str = "auto") -> Dataset:
@@ -251,22 +333,51 @@ def open_dataset(path, split: str, img_size: int, foreground: str = "auto") -> D
             raise ValueError(f"dataset path {root} is not a folder")
         if parent.is_dir() and str(parent) not in ("", "."):
             have = sorted(p.name for p in parent.iterdir() if p.is_dir())
-            raise FileNotFoundError(f"class folder {root} does not exist; {parent} contains {have[:30]}")
+            raise FileNotFoundError(f"class folder {root} does not exist; {parent} contains "
+                                    + (", ".join(have[:30]) + (", ..." if len(have) > 30 else "") if have else "no folders"))
         raise FileNotFoundError(f"dataset folder {root} does not exist")
-    for reader in (_mvtec, _visa_raw, _dagm):
-        found = reader(root, split)
-        if found is not None:
-            break
-    else:
+    layout = open_layout(root)
+    if layout is None:
+        classes = find_classes(root)
+        if classes:
+            raise ValueError(f"{root} holds {len(classes)} classes ({', '.join(p.name for p in classes[:5])}"
+                             f"{', ...' if len(classes) > 5 else ''}); pass one class, e.g. {classes[0]}")
         subs = sorted(p.name for p in root.iterdir() if p.is_dir())
         raise ValueError(f"{root} matches no known layout; tried: MVTec AD / VisA 1cls (train/good + test/), "
                          "VisA raw (Data/Images + ../split_csv/1cls.csv), DAGM 2007 (Train|Test/Label/Labels.txt), "
                          f"'synthetic'. It contains {subs[:20]}; pass ROOT/CLASS (for example mvtec/bottle), "
                          "not ROOT.")
-    records, layout = found
+    records = {"mvtec": _mvtec, "visa-1cls": _mvtec, "visa-raw": _visa_raw, "dagm": _dagm}[layout](root, split)
     if not records:
         raise ValueError(f"empty {split} set: no images found in {root} ({layout} layout)")
     return ImageDataset(records, img_size, root, layout, foreground)
+
+
+def find_classes(root) -> list[Path]:
+    """The class folders of a whole-benchmark root, sorted: a DAGM 2007 root (Class1..Class10), a VisA raw
+    release (split_csv/1cls.csv and its class folders), or an MVTec AD / VisA 1cls root (folders with
+    train/ and test/). [] when root is not such a root (for example, a single class)."""
+    root = Path(root).expanduser()
+    if not root.is_dir() or open_layout(root) is not None:
+        return []
+    csv_path = root / "split_csv" / "1cls.csv"
+    if csv_path.is_file():
+        with open(csv_path, newline="") as f:
+            names = sorted({r.get("object", "") for r in csv.DictReader(f)} - {""})
+        return [root / n for n in names if (root / n / "Data" / "Images").is_dir()]
+    natural = lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]  # Class2 < Class10
+    return sorted((p for p in root.iterdir() if p.is_dir() and open_layout(p) is not None), key=natural)
+
+
+def open_layout(root: Path) -> str | None:
+    """The layout of a class folder by its files alone (None: not a class folder)."""
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        return "visa-1cls" if (root / "test" / "bad").is_dir() else "mvtec"
+    if (root / "Data" / "Images").is_dir():
+        return "visa-raw"
+    if any((root / s / "Label" / "Labels.txt").is_file() for s in ("Train", "Test")):
+        return "dagm"
+    return None
 
 
 # ----------------------------------------------------------------------------- synthesizer
@@ -457,10 +568,10 @@ class TrainSet(Dataset):
         F = self._fg_cache.get(i)                               # None: "none", or no usable foreground
         return np.ones((H, W), bool) if F is None else np.unpackbits(F, count=H * W).reshape(H, W).astype(bool)
 
-    def sample(self, i: int) -> dict:
+    def sample(self, i: int, epoch: int | None = None) -> dict:
         """All parts as numpy: image N, anomaly source A, foreground F, mask M, synthetic S, beta."""
         i = int(i)
-        rng = np.random.default_rng((self.seed, self.epoch, i))
+        rng = np.random.default_rng((self.seed, self.epoch if epoch is None else int(epoch), i))
         item = self.normal[i]
         N = item["image"].numpy().transpose(1, 2, 0)
         F = self._fg(i, N, rng)
@@ -469,10 +580,53 @@ class TrainSet(Dataset):
         return {"image": N, "anomaly": A, "foreground": F, "mask": M, "synthetic": S, "beta": beta,
                 "path": item["path"]}
 
-    def __getitem__(self, i):
-        p = self.sample(i)
+    def __getitem__(self, key):
+        """key: an index (of the epoch set by set_epoch) or an (epoch, index) pair."""
+        epoch, i = key if isinstance(key, tuple) else (None, key)
+        p = self.sample(i, epoch)
         return {"image": _chw(p["image"]), "synthetic": _chw(p["synthetic"]),
                 "synthetic_mask": torch.from_numpy(p["mask"][None].copy()), "path": p["path"]}
+
+
+# ----------------------------------------------------------------------------- training batches
+def epoch_batches(n_items, per_batch, seed, epoch):
+    """The epoch's batches of item indices: a permutation seeded by (seed, epoch), so resumable."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    steps = n_items // per_batch
+    return torch.randperm(n_items, generator=g)[: steps * per_batch].view(steps, per_batch).tolist()
+
+
+def run_batches(n_items, per_batch, seed, start, total, rank=0, world=1):
+    """TrainSet keys (epoch, index) of this rank's share of every step from `start` to `total`: each epoch's
+    permutation is cut into global batches of per_batch * world items and rank r takes the r-th part. One
+    pass feeds the whole run, so DataLoader workers live as long as the run."""
+    steps_per_epoch = n_items // (per_batch * world)
+    batches = None
+    for step in range(start, total):
+        epoch, k = divmod(step, steps_per_epoch)
+        if batches is None or k == 0:
+            batches = epoch_batches(n_items, per_batch * world, seed, epoch)
+        yield [(epoch, i) for i in batches[k][rank * per_batch:(rank + 1) * per_batch]]
+
+
+def random_crops(x0, mask, side, generator):
+    """One side x side window per image: uniform for normal images; for synthetic ones placed so that it
+    contains a random anomalous pixel, so that a crop rarely misses the anomaly it was made for."""
+    H, W = x0.shape[-2:]
+    xs, ms = [], []
+    for img, m in zip(x0, mask):
+        r = torch.rand(3, generator=generator).tolist()
+        where = m[0].nonzero()
+        if len(where):
+            y, x = where[int(r[0] * len(where))].tolist()
+            top, left = y - int(r[1] * side), x - int(r[2] * side)
+        else:
+            top, left = int(r[1] * (H - side + 1)), int(r[2] * (W - side + 1))
+        top, left = min(max(top, 0), H - side), min(max(left, 0), W - side)
+        xs.append(img[:, top:top + side, left:left + side])
+        ms.append(m[:, top:top + side, left:left + side])
+    return torch.stack(xs), torch.stack(ms)
+
 
 
 # ----------------------------------------------------------------------------- built-in synthetic set
@@ -566,6 +720,35 @@ class SyntheticSet(Dataset):
         return self._get(int(i))[2] if self.variant == "object" else None
 
 
+def resize_tree(src, dst, size):
+    """Write a copy of the class folder src at size x size (e.g. to carry a small copy to a GPU machine).
+    Loading the copy at that size gives the same pixels as loading src: images are resized as _rgb does
+    and stored losslessly (PNG, same stem), masks as defect_mask does; other files are copied."""
+    src, dst = Path(src), Path(dst)
+    layout = open_layout(src) if src.is_dir() else None
+    if layout not in ("mvtec", "visa-1cls", "dagm"):
+        raise SystemExit(f"data.py resize: {src} is not an MVTec AD, VisA 1cls or DAGM class folder"
+                         + (" (a raw VisA release names its files in a CSV: prepare it as 1cls first)" if layout else ""))
+    if dst.exists():
+        raise SystemExit(f"data.py resize: {dst} exists; pass a new --out")
+    masks = {Path(m) for split in ("train", "test") for _, m, _, _ in open_dataset(src, split, size).records if m}
+    for f in sorted(p for p in src.rglob("*") if p.is_file()):
+        out = dst / f.relative_to(src)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if f.suffix.lower() not in IMG_EXTS:
+            out.write_bytes(f.read_bytes())
+            continue
+        im = _open(f)
+        if f in masks or f.parent.name == "foreground" or "ground_truth" in f.parts:
+            a = (defect_mask(im, size)[0] if f in masks else _binary(im, size)) * 255
+            im = Image.fromarray(a.astype(np.uint8))
+        else:
+            a = _rgb(im, size)
+            im = Image.fromarray(_u8(a[..., 0] if im.mode in ("1", "L", "LA", "I", "F") or im.mode.startswith("I;16") else a))
+        im.save(out if f.suffix.lower() == ".png" else out.with_suffix(".png"), format="PNG")
+    print(f"wrote {dst}: {layout} layout at {size} px")
+
+
 # ----------------------------------------------------------------------------- CLI
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="data.py", description="Look at the data DiffusionAD trains on.")
@@ -578,7 +761,14 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--texture-dir", default=None, help="anomaly source textures (e.g. DTD)")
     p.add_argument("--foreground", default="auto", choices=FOREGROUNDS)
+    r = sub.add_parser("resize", help="copy a class folder (MVTec AD, VisA 1cls or DAGM layout) at the size the "
+                       "loader would resize it to: images bilinear, masks as defect_mask, the rest as it is")
+    r.add_argument("--data", required=True, help="ROOT/CLASS")
+    r.add_argument("--out", required=True, help="new folder for the copy")
+    r.add_argument("--img-size", type=int, default=256)
     args = ap.parse_args(argv)
+    if args.cmd == "resize":
+        return resize_tree(args.data, args.out, args.img_size)
     try:
         ts = TrainSet(open_dataset(args.data, "train", args.img_size), seed=args.seed,
                       texture_dir=args.texture_dir, foreground=args.foreground)

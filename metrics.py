@@ -35,13 +35,18 @@ Known traps, and the decision taken for each
   binary search counts the normals at each threshold. O(P log P) time, about one extra copy of the maps
   in memory. Maps keep their float precision (integers become float64, or float32 where that is exact).
 """
+import csv
+import io
+import json
+import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pro", "evaluate",
-           "UndefinedMetricError"]
+__all__ = ["image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "pro",
+           "evaluate", "table", "UndefinedMetricError"]
 
 
 class UndefinedMetricError(ValueError):
@@ -175,6 +180,12 @@ def _ap(neg, pos, what):
     return float(np.sum(recall_step * tp / (tp + fp)))
 
 
+def _f1_max(neg, pos, what):
+    """The best F1 over every threshold (score >= t is anomalous): 2 TP / (TP + FP + positives)."""
+    _, tp, _, fp = _steps(neg, pos, None, what)
+    return float(np.max(2 * tp / (tp + fp + pos.size)))
+
+
 # ---------------------------------------------------------------- public API
 def image_auroc(labels, scores):
     """ROC AUC of image scores (label 1 = anomalous)."""
@@ -184,6 +195,17 @@ def image_auroc(labels, scores):
 def image_ap(labels, scores):
     """Average precision of image scores (label 1 = anomalous)."""
     return _ap(*_image_data(labels, scores), "image_ap")
+
+
+def image_f1_max(labels, scores):
+    """F1-max of image scores: the best F1 over every threshold."""
+    return _f1_max(*_image_data(labels, scores), "image_f1_max")
+
+
+def pixel_f1_max(masks, maps):
+    """F1-max over all pixels of all images pooled."""
+    neg, pos, _ = _pixel_data(masks, maps, regions=False)
+    return _f1_max(neg, pos, "pixel_f1_max")
 
 
 def pixel_auroc(masks, maps):
@@ -206,8 +228,9 @@ def pro(masks, maps, fpr_limit=0.3):
     return _area(neg, pos, weights, fpr_limit, "pixel_pro")
 
 
-def evaluate(maps, masks, labels, scores, fpr_limit=0.3):
-    """All metrics in one pass over the pixels -> dict keyed as in the paper's tables.
+def evaluate(maps, masks, labels, scores, fpr_limit=0.3, defects=None):
+    """All metrics in one pass over the pixels -> dict keyed as in the paper's tables. With defects (one
+    name per image, "good" for normal ones) also "image_auroc_per_defect": {type: AUROC of good vs type}.
 
     Invalid input raises ValueError; an undefined metric is NaN with a RuntimeWarning."""
     if not 0 < fpr_limit <= 1:
@@ -218,6 +241,8 @@ def evaluate(maps, masks, labels, scores, fpr_limit=0.3):
     neg, pos, weights = _pixel_data(masks, maps, regions=True)
     jobs = {"image_auroc": lambda: _area(*img, None, 1.0, "image_auroc"),
             "image_ap": lambda: _ap(*img, "image_ap"),
+            "image_f1_max": lambda: _f1_max(*img, "image_f1_max"),
+            "pixel_f1_max": lambda: _f1_max(neg, pos, "pixel_f1_max"),
             "pixel_auroc": lambda: _area(neg, pos, None, 1.0, "pixel_auroc"),
             "pixel_ap": lambda: _ap(neg, pos, "pixel_ap"),
             "pixel_pro": lambda: _area(neg, pos, weights, fpr_limit, "pixel_pro")}
@@ -228,7 +253,79 @@ def evaluate(maps, masks, labels, scores, fpr_limit=0.3):
         except UndefinedMetricError as e:
             warnings.warn(f"{e}; reporting NaN", RuntimeWarning, stacklevel=2)
             out[key] = float("nan")
+    if defects is not None:
+        defects, scores = np.asarray(defects), np.asarray(scores)
+        if defects.shape != scores.shape:
+            raise ValueError(f"got {len(defects)} defect names for {len(scores)} scores")
+        good = defects == "good"
+        out["image_auroc_per_defect"] = {d: _area(np.sort(scores[good]).astype(np.float64), scores[defects == d].astype(np.float64),
+                                                  None, 1.0, "image_auroc") if good.any() else float("nan")
+                                         for d in sorted(set(defects.tolist()) - {"good"})}
     return out
+
+
+# ---------------------------------------------------------------- benchmark tables: python metrics.py table DIR
+# DiffusionAD's own numbers from the paper (arXiv 2303.08730), in %, where they could be checked against the
+# paper. Per-class VisA (Tables 1-2) and DAGM (Table 5) numbers belong here too; missing ones print as "-".
+PAPER = {"dagm": {"Class8": {"image_auroc": 100.0}},
+         "visa": {"mean": {"image_auroc": 97.8, "pixel_pro": 93.2}}}  # VisA means: the full method in Table 3
+COLUMNS = (("Image AUROC", "image_auroc"), ("Pixel AUROC", "pixel_auroc"), ("PRO", "pixel_pro"),
+           ("Image AP", "image_ap"), ("Pixel AP", "pixel_ap"), ("Image F1-max", "image_f1_max"),
+           ("Pixel F1-max", "pixel_f1_max"))
+VISA = {"candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2", "pcb1", "pcb2", "pcb3",
+        "pcb4", "pipe_fryum"}
+
+
+def _benchmark(names):
+    if names and all(n.startswith("Class") and n[5:].isdigit() for n in names):
+        return "dagm"
+    return "visa" if names and set(names) <= VISA else "other"
+
+
+def table(folder):
+    """The table of a benchmark's run folder (one subfolder per class with metrics.json from training):
+    one row per class, the mean row last, the paper's numbers and our difference beside ours where the
+    paper has them. Unfinished classes are listed, not dropped. Returns (markdown, csv text)."""
+    folder = Path(folder)
+    listing = folder / "benchmark.json"  # written by diffusionad.py: every class of the benchmark
+    names = set(json.loads(listing.read_text())["classes"]) if listing.is_file() else set()
+    names |= {p.name for p in folder.iterdir() if p.is_dir() and (p / "config.json").is_file()}
+    runs = [folder / n for n in sorted(names, key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])]
+    paper = PAPER.get(_benchmark([p.name for p in runs]), {})
+    p_keys = [k for k in ("image_auroc", "pixel_pro") if any(k in v for v in paper.values())]
+    head = ["Class"] + [c for c, _ in COLUMNS] + ["FPS", "Train min"]
+    head += [h for k in p_keys for h in (f"Paper {dict((v, c) for c, v in COLUMNS)[k]}", "Diff")]
+    rows, done = [], []
+    for run in runs:
+        m = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else None
+        if m is None:
+            lines = (run / "log.csv").read_text().splitlines() if (run / "log.csv").is_file() else []
+            state = f"unfinished (step {lines[-1].split(',')[0]})" if len(lines) > 1 else \
+                "not started" if (run / "config.json").is_file() else "missing (no run; see the train output)"
+            rows.append([run.name, state] + [""] * (len(head) - 2))
+            continue
+        done.append(m)
+        rows.append(_row(run.name, m, paper.get(run.name, {}), p_keys))
+    if done:
+        mean = {k: float(np.mean([m[k] for m in done if m.get(k) is not None] or [np.nan]))
+                for k in [k for _, k in COLUMNS] + ["fps", "train_seconds"]}
+        label = "mean" if len(done) == len(runs) else f"mean of {len(done)}/{len(runs)}"
+        rows.append(_row(label, mean, paper.get("mean", {}), p_keys))
+    md = "\n".join("| " + " | ".join(r) + " |" for r in [head, ["---"] * len(head)] + rows)
+    text = io.StringIO()
+    csv.writer(text).writerows([head] + rows)
+    return md + "\n", text.getvalue()
+
+
+def _row(name, m, paper, p_keys):
+    pct = lambda v: "-" if v is None or v != v else f"{100 * v:.1f}"
+    row = [name] + [pct(m.get(k)) for _, k in COLUMNS]
+    row += [f"{m['fps']:.1f}" if m.get("fps") is not None else "-",
+            f"{m['train_seconds'] / 60:.1f}" if m.get("train_seconds") is not None else "-"]
+    for k in p_keys:
+        ours = m.get(k)
+        row += [f"{paper[k]:.1f}", f"{100 * ours - paper[k]:+.1f}"] if k in paper and ours is not None else ["-", "-"]
+    return row
 
 
 # ---------------------------------------------------------------- benchmark: python metrics.py --bench
@@ -294,5 +391,7 @@ if __name__ == "__main__":
     import sys
     if sys.argv[1:] == ["--bench"]:
         _bench()
+    elif len(sys.argv) == 3 and sys.argv[1] == "table":
+        print(table(sys.argv[2])[0])
     else:
-        print("usage: python metrics.py --bench")
+        print("usage: python metrics.py --bench | python metrics.py table RUNS_FOLDER")

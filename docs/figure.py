@@ -1,7 +1,8 @@
 """Compose docs/results.png from `diffusionad.py eval --save-maps` panels (input | restoration | map | truth).
 
-python docs/figure.py docs/results.png runs/mt-full runs/dagm-full
-Per run: one image of each defect type (at most 5) and one good image, in file-name order (no picking).
+python docs/figure.py docs/results.png runs/mt-full/eval_ckpt_magnetic_tile_t100+200 ...
+(each argument: a folder of panels written by `eval --save-maps`). Per folder: one image of each defect
+type (at most 5; three for a single type) and one good image, in file-name order (no picking).
 """
 import sys
 from pathlib import Path
@@ -11,10 +12,10 @@ from PIL import Image, ImageDraw
 H, LABEL = 96, 170
 
 
-def picks(run):
-    files = sorted(Path(run, "maps").glob("*.png"))
+def picks(folder):
+    files = sorted(Path(folder).glob("*.png"))
     if not files:
-        raise SystemExit(f"{run}/maps has no panels: run `python diffusionad.py eval --run {run} --save-maps`")
+        raise SystemExit(f"{folder} has no panels: run `python diffusionad.py eval --run RUN --save-maps`")
     kinds = sorted({f.stem.split("_")[0] for f in files} - {"good"})
     firsts = [next(f for f in files if f.name.startswith(k + "_")) for k in kinds]
     if len(firsts) == 1:  # one defect type (DAGM): show three of it
@@ -30,7 +31,7 @@ def main(out, runs):
             im = im.resize((im.width * H // im.height, H), Image.NEAREST)
             row = Image.new("RGB", (im.width + LABEL, H), "white")
             row.paste(im, (LABEL, 0))
-            ImageDraw.Draw(row).text((4, H // 2 - 6), f"{Path(run).name}: {f.stem}"[:27], fill="black")
+            ImageDraw.Draw(row).text((4, H // 2 - 6), f"{Path(run).parent.name}: {f.stem}"[:27], fill="black")
             rows.append(row)
     fig = Image.new("RGB", (max(r.width for r in rows), H * len(rows) + 16), "white")
     ImageDraw.Draw(fig).text((LABEL + 4, 2), "input | restoration (first t) | anomaly map | ground truth", fill="black")

@@ -188,8 +188,66 @@ def test_unknown_layout_says_what_was_tried(tmp_path):
     with pytest.raises(ValueError, match=r"(?s)weird.*no known layout.*MVTec.*VisA.*DAGM"):
         data.open_dataset(tmp_path / "weird", "train", 32)
     make_mvtec(tmp_path / "mvtec" / "bottle")
-    with pytest.raises(ValueError, match="ROOT/CLASS"):                        # the root instead of a class
+    with pytest.raises(ValueError, match=r"holds 1 classes \(bottle\); pass one class"):  # a root, not a class
         data.open_dataset(tmp_path / "mvtec", "train", 32)
+
+
+def test_find_classes_of_each_benchmark_root(tmp_path):
+    for name in ("bottle", "carpet"):
+        make_mvtec(tmp_path / "mvtec" / name)
+    (tmp_path / "mvtec" / "license_folder").mkdir()
+    assert [p.name for p in data.find_classes(tmp_path / "mvtec")] == ["bottle", "carpet"]
+    assert data.find_classes(tmp_path / "mvtec" / "bottle") == []                # a class is not a root
+    for n in (10, 2, 1):
+        make_dagm(tmp_path / "DAGM" / f"Class{n}")
+    assert [p.name for p in data.find_classes(tmp_path / "DAGM")] == ["Class1", "Class2", "Class10"]
+    make_visa_raw(tmp_path / "VisA", "pcb1")
+    make_visa_raw(tmp_path / "VisA2", "candle")                                # a second CSV, merged below
+    rows = (tmp_path / "VisA2" / "split_csv" / "1cls.csv").read_text().splitlines()[1:]
+    with open(tmp_path / "VisA" / "split_csv" / "1cls.csv", "a") as f:
+        f.write("\n".join(rows) + "\n")
+    shutil.copytree(tmp_path / "VisA2" / "candle", tmp_path / "VisA" / "candle")
+    assert [p.name for p in data.find_classes(tmp_path / "VisA")] == ["candle", "pcb1"]
+    assert data.find_classes(tmp_path / "nowhere") == []
+
+
+def test_check_split_reports_every_problem_without_decoding(tmp_path):
+    root = make_mvtec(tmp_path / "c", n_train=4)
+    good = root / "train" / "good"
+    big = save(tmp_path / "big.png", (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8))
+    (good / "000.png").write_bytes(big.read_bytes()[:-400])                   # truncated PNG
+    (good / "001.png").write_bytes(b"\x89PNG garbage")                       # not an image
+    jpg = save(tmp_path / "x.jpg", gray(0), "RGB")
+    (good / "002.jpg").write_bytes(jpg.read_bytes()[:-100])                   # truncated JPEG
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(root / "ground_truth" / "crack" / "001_mask.png")
+    problems = data.check_split(data.open_dataset(root, "train", 32))
+    assert len(problems) == 3 and all(n in " ".join(problems) for n in ("000.png", "001.png", "002.jpg"))
+    assert "truncated PNG" in problems[0] and "truncated JPEG" in problems[2]
+    problems = data.check_split(data.open_dataset(root, "test", 32))
+    assert len(problems) == 1 and "001_mask.png: mask is 32x32 but its image is 64x64" in problems[0]
+    assert data.check_split(data.open_dataset(make_mvtec(tmp_path / "ok"), "test", 32)) == []
+    assert data.probe(good / "003.png") == (64, 64)
+
+
+def test_every_missing_mask_is_named_at_once(tmp_path):
+    root = make_mvtec(tmp_path / "c")
+    for i in range(2):
+        (root / "ground_truth" / "crack" / f"00{i}_mask.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"(?s)2 anomalous test image\(s\) without a mask.*000.png.*001.png"):
+        data.open_dataset(root, "test", 32)
+
+
+def test_thin_defects_keep_a_pixel_after_resizing():
+    m = np.zeros((512, 512), np.uint8)
+    m[100:140, 301:303] = 255                     # a 2-px-wide scratch that nearest sampling at 64 px misses
+    m[400:440, 200:240] = 255                     # a large defect: resized as before
+    small, kept = data.defect_mask(Image.fromarray(m), 64)
+    plain = np.asarray(Image.fromarray(m).resize((64, 64), Image.NEAREST)) > 0
+    assert kept == 1 and small.sum() == plain.sum() + 1
+    assert small[14, 37] == 1 and not plain[10:20, 35:40].any()             # its centre (119.5, 301.5) / 8
+    np.testing.assert_array_equal(small[40:], plain[40:])
+    same, kept = data.defect_mask(Image.fromarray(m), 512)
+    assert kept == 0 and np.array_equal(same > 0, m > 0)
 
 
 def test_empty_training_set(tmp_path):

@@ -1,5 +1,11 @@
 """Behaviour of diffusionad.py: the equations, the networks, Alg. 1 and 2, checkpoints and the CLI."""
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -8,7 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import diffusionad as D
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = dict(img_size=32, base_channels=16, channel_mult="1,2", attn_resolutions="16", num_heads=4,
             seg_channels=4, batch_size=6, workers=0, eval_batch=16, log_every=1000.0)
@@ -208,7 +217,7 @@ def test_random_crops_keep_the_anomaly():
     mask = torch.zeros(2, 1, 64, 64)
     mask[1, 0, 60:63, 2:5] = 1  # a small anomaly in a corner of the synthetic image
     for seed in range(20):
-        xc, mc = D.random_crops(x0, mask, 32, torch.Generator().manual_seed(seed))
+        xc, mc = data.random_crops(x0, mask, 32, torch.Generator().manual_seed(seed))
         assert xc.shape == (2, 3, 32, 32) and mc.shape == (2, 1, 32, 32)
         assert mc[0].sum() == 0 and mc[1].sum() > 0
         top, left = divmod(int(xc[1, 0, 0, 0]) - 3 * 64 * 64, 64)  # the window's corner, from the pixel ids
@@ -332,9 +341,9 @@ def test_checkpoint_of_another_kind_is_a_clear_error(tmp_path):
 
 # ---------------------------------------------------------------- the CLI end to end
 
-def make_mvtec_tree(root, n_train=12, size=40):
+def make_mvtec_tree(root, n_train=12, size=40, name="toy"):
     rng = np.random.default_rng(0)
-    cls = root / "toy"
+    cls = root / name
     for sub in ("train/good", "test/good", "test/hole", "ground_truth/hole"):
         (cls / sub).mkdir(parents=True)
     def img():
@@ -370,7 +379,7 @@ def test_cli_train_eval_predict(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Image AUROC" in out and "file reading excluded" in out
     assert json.loads((tmp_path / "m100.json").read_text())["eval_t"] == [100]
-    panels = sorted((run / "maps").glob("*.png"))
+    panels = sorted((run / "eval_ckpt_toy_t100").glob("*.png"))  # named after what was evaluated
     assert len(panels) == 6 and Image.open(panels[0]).size == (4 * 64, 64)  # trained on crops, evaluated whole
 
     csv_path = tmp_path / "scores.csv"
@@ -384,8 +393,267 @@ def test_cli_train_eval_predict(tmp_path, capsys):
         D.main(["predict", "--ckpt", str(run / "ckpt.pt"), str(tmp_path / "missing.png")])
 
 
+def native_bf16():
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+
+
 def test_bench_runs_and_reports_both_paths(capsys):
-    D.main(["bench", "--n-images", "2", "--train-size", "32", "--amp"] + tiny_flags())
+    D.main(["bench", "--n-images", "2", "--train-size", "32", "--train-steps", "1", "--workers", "1"]
+           + tiny_flags(workers=1) + (["--amp"] if native_bf16() else []))
     out = capsys.readouterr().out
-    assert "training step, 32x32, batch 6" in out and "samples/s" in out
-    assert "naive (1 image" in out and "shipped (batch 16" in out and "bf16 autocast" in out
+    assert "training step, 32x32, batch 6" in out and out.count("samples/s") == 2
+    assert "plain (fp32, NCHW, .item() per step)" in out and "shipped (" in out and "no per-step sync" in out
+    assert "data loader alone (synthetic, 1 workers, synthesizer included)" in out
+    assert "naive (1 image" in out and "shipped (batch 16" in out
+    assert ("shipped with bf16" in out) == native_bf16()
+
+
+def test_amp_on_a_cpu_without_native_bf16_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    with pytest.raises(SystemExit, match="--amp: this CPU has no native bf16"):
+        D.pick_device(tiny(amp=True, device="cpu"))
+    assert D.pick_device(tiny(device="cpu")).type == "cpu"
+
+
+# ---------------------------------------------------------------- what happens when... (README table)
+
+def test_broken_files_are_all_reported_before_training(tmp_path, capsys):
+    cls = make_mvtec_tree(tmp_path)
+    (cls / "train/good/003.png").write_bytes(b"\x89PNG not really")                    # corrupt
+    good = (cls / "train/good/004.png").read_bytes()
+    (cls / "train/good/004.png").write_bytes(good[:-60])                               # truncated
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(cls / "ground_truth/hole/001_mask.png")  # wrong size
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        D.main(["train", "--data", str(cls), "--out", str(run), "--max-steps", "2"] + tiny_flags(img_size=64))
+    msg = str(e.value.code)
+    assert msg.startswith(f"{cls}: 3 problem(s) found before training")
+    assert "003.png: not a readable image" in msg and "004.png: truncated PNG" in msg and "mask is 20x20" in msg
+    assert not run.exists()                                                             # before any work
+    (cls / "ground_truth/hole/002_mask.png").unlink()                                  # a missing mask
+    with pytest.raises(SystemExit, match=r"(?s)problem.*002.png has no mask"):
+        D.main(["train", "--data", str(cls), "--out", str(run), "--max-steps", "2"] + tiny_flags(img_size=64))
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--max-steps", "-5", "--epochs", "0"], r"--epochs must be >= 1, got 0\n  --max-steps must be >= 0, got -5"),
+    (["--eval-t", "1o0"], "--eval-t must be comma-separated integers"),
+    (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N"),
+    (["--data", "/no/such/folder"], "dataset folder /no/such/folder does not exist"),
+    (["--lr", "0"], "--lr must be > 0"),
+])
+def test_bad_flags_and_paths_are_one_clear_message(tmp_path, flags, message):
+    with pytest.raises(SystemExit, match=message):
+        D.main(["train", *tiny_flags(), "--out", str(tmp_path / "r"), *flags])
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_errors_print_no_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "diffusionad.py", "train", "--data", str(tmp_path / "nope")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == f"class folder {tmp_path / 'nope'} does not exist; {tmp_path} contains no folders"
+
+
+def test_unwritable_run_folder(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match="cannot write the run folder.*pass a writable --out"):
+        D.train(tiny(data="synthetic", max_steps=1, out=str(tmp_path / "file" / "run")))
+
+
+def test_nan_at_the_first_step_says_no_checkpoint_exists(tmp_path, monkeypatch):
+    real = D.DiffusionAD.losses
+    monkeypatch.setattr(D.DiffusionAD, "losses", lambda self, *a: {k: v * float("nan") for k, v in real(self, *a).items()})
+    with pytest.raises(SystemExit, match=r"loss is nan at step 1; stopped, no checkpoint was written yet"):
+        D.train(tiny(data="synthetic", max_steps=5, out=str(tmp_path / "n")))
+    assert not (tmp_path / "n" / "ckpt.pt").exists()
+
+
+def test_a_second_train_on_a_live_run_folder_refuses(tmp_path):
+    D.train(tiny(data="synthetic", max_steps=1, out=str(tmp_path / "r")))
+    held = D.lock_run(tmp_path / "r")  # as a live training process holds it
+    try:
+        with pytest.raises(SystemExit, match=rf"being trained by another process \(pid {os.getpid()}\)"):
+            D.train(tiny(data="synthetic", max_steps=2, out=str(tmp_path / "r")), resume=True)
+    finally:
+        held.close()
+    D.train(tiny(data="synthetic", max_steps=2, out=str(tmp_path / "r")), resume=True)  # free again
+
+
+def wait_for(cond, timeout=120):
+    t0 = time.time()
+    while not cond():
+        assert time.time() - t0 < timeout, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, sig):
+    flags = tiny_flags(data="synthetic", ckpt_every=4) + ["--max-steps", "24", "--device", "cpu"]
+    cmd = [sys.executable, "diffusionad.py", "train", *flags, "--out", str(tmp_path / "run")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: (tmp_path / "run" / "ckpt.pt").exists())
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    step = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"]
+    assert 4 <= step < 24, "interrupt came too late to test anything"
+    if sig == signal.SIGTERM:  # a checkpoint of the current step, and how to resume
+        assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err
+        assert f"interrupted at step {step}/24: the checkpoint of step {step} is at" in err and "--resume" in err
+    else:  # kill -9: at most --ckpt-every steps lost
+        assert proc.returncode == -signal.SIGKILL and step % 4 == 0
+    subprocess.run(cmd + ["--resume"], cwd=ROOT, check=True, capture_output=True, timeout=300)
+    D.train(tiny(data="synthetic", ckpt_every=4, max_steps=24, device="cpu", out=str(tmp_path / "ref")))
+    a, b = weights(tmp_path / "run"), weights(tmp_path / "ref")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    rows = [r.split(",")[0] for r in (tmp_path / "run" / "log.csv").read_text().splitlines()[1:]]
+    assert rows == [str(i) for i in range(1, 25)]
+
+
+def test_eval_never_overwrites_a_result_and_shows_progress(tmp_path, capsys):
+    cls = make_mvtec_tree(tmp_path)
+    other = make_mvtec_tree(tmp_path / "b", name="other")
+    run = tmp_path / "run"
+    D.main(["train", "--data", str(cls), "--out", str(run), "--max-steps", "2"] + tiny_flags(img_size=64))
+    own = (run / "metrics.json").read_text()
+    D.main(["eval", "--run", str(run), "--data", str(other), "--batch", "2", "--log-every", "1e-9"])
+    D.main(["eval", "--run", str(run), "--t", "100", "--amp"] if native_bf16() else ["eval", "--run", str(run), "--t", "100"])
+    out = capsys.readouterr().out
+    assert (run / "metrics.json").read_text() == own
+    assert (run / "eval_ckpt_other_t100+200.json").is_file()
+    assert (run / ("eval_ckpt_toy_t100_amp.json" if native_bf16() else "eval_ckpt_toy_t100.json")).is_file()
+    assert "2/6 test images" in out and "eta" in out
+    for bad in (str(run / "metrics.json"), str(run / "eval_ckpt_other_t100+200.json")):
+        with pytest.raises(SystemExit, match="pass a new file name"):
+            D.main(["eval", "--run", str(run), "--json", bad])
+
+
+def test_predict_skips_unreadable_files_and_never_overwrites(tmp_path, capsys):
+    cls = make_mvtec_tree(tmp_path)
+    run = tmp_path / "run"
+    D.main(["train", "--data", str(cls), "--out", str(run), "--max-steps", "1"] + tiny_flags(img_size=64))
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.png").write_bytes((cls / f"test/good/00{i}.png").read_bytes())
+    (folder / "3.png").write_bytes(b"broken")
+    with pytest.raises(SystemExit, match=r"1 of 4 files could not be read and were skipped:\n  cannot read image .*3.png"):
+        D.main(["predict", "--ckpt", str(run / "ckpt.pt"), str(folder), "--csv", str(tmp_path / "s.csv")])
+    rows = (tmp_path / "s.csv").read_text().splitlines()
+    assert len(rows) == 4 and all(Path(r.split(",")[2]).is_file() for r in rows[1:])
+    out = Path(rows[1].split(",")[2]).parent
+    assert out.parent == run and out.name.startswith("predictions-")
+    with pytest.raises(SystemExit, match="is not empty: pass a new folder"):
+        D.main(["predict", "--ckpt", str(run / "ckpt.pt"), str(folder / "0.png"), "--out", str(out)])
+    with pytest.raises(SystemExit, match="exists: pass a new file name"):
+        D.main(["predict", "--ckpt", str(run / "ckpt.pt"), str(folder / "0.png"), "--csv", str(tmp_path / "s.csv")])
+
+
+# ---------------------------------------------------------------- whole benchmarks and torchrun
+
+def test_benchmark_root_trains_each_class_skips_finished_and_resumes(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "mvtec"
+    make_mvtec_tree(root, name="toy")
+    broken = make_mvtec_tree(root, name="zoo")
+    mask = broken / "ground_truth/hole/001_mask.png"
+    saved = mask.read_bytes()
+    mask.unlink()
+    monkeypatch.chdir(tmp_path)
+    flags = ["train", "--data", str(root), "--max-steps", "2"] + tiny_flags(img_size=64)
+    with pytest.raises(SystemExit, match=r"1 class\(es\) failed: zoo"):
+        D.main(flags)
+    out = capsys.readouterr()
+    assert "001.png has no mask" in out.err
+    table = (tmp_path / "runs/mvtec/table.md").read_text()
+    assert "| toy |" in table and "| zoo | missing" in table and "| mean of 1/2 |" in table
+    mask.write_bytes(saved)
+    D.main(flags[:4] + ["1"] + flags[5:] + ["--out", "runs/mvtec/zoo", "--data", str(broken)])  # zoo: 1 step, then
+    assert not (tmp_path / "runs/mvtec/zoo/metrics.json").exists() or True                   # (a finished 1-step run)
+    (tmp_path / "runs/mvtec/zoo/metrics.json").unlink()                                       # as if interrupted
+    D.main(flags)
+    out = capsys.readouterr().out
+    assert "toy: finished before, skipped" in out and "zoo: resuming" in out and "resuming runs/mvtec/zoo at step 1/2" in out
+    assert json.loads((tmp_path / "runs/mvtec/zoo/metrics.json").read_text())["steps"] == 2
+    table = (tmp_path / "runs/mvtec/table.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in table] == ["Class", "toy", "zoo", "mean"]
+    D.main(["table", "runs/mvtec"])
+    assert "| mean |" in capsys.readouterr().out
+
+
+def ddp_worker(rank, world, port, argv, result):
+    """One torchrun-like rank: records the items it draws, what it writes, and its final weights."""
+    import builtins
+    import io
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    seen, written, models = [], [], []
+    get, losses, real_open = data.TrainSet.__getitem__, D.DiffusionAD.losses, builtins.open
+    data.TrainSet.__getitem__ = lambda self, key: (seen.append(key), get(self, key))[1]
+    D.DiffusionAD.losses = lambda self, *a: (models.append(self), losses(self, *a))[1]
+
+    def recording_open(f, mode="r", *a, **k):
+        if any(c in mode for c in "wax+"):
+            written.append(str(f))
+        return real_open(f, mode, *a, **k)
+    builtins.open = io.open = recording_open
+    save = D.atomic_save
+    D.atomic_save = lambda obj, path: (written.append(str(path)), save(obj, path))[1]
+    D.main(argv)
+    torch.save({"seen": seen, "written": written,
+                "weights": {k: v.clone() for k, v in models[-1].state_dict().items()}}, f"{result}{rank}.pt")
+
+
+def test_torchrun_data_parallel_on_cpu(tmp_path):
+    run = tmp_path / "run"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for steps, resume in ((2, []), (4, ["--resume"])):
+        argv = ["train", *tiny_flags(data="synthetic", ckpt_every=2), "--max-steps", str(steps), "--device", "cpu",
+                "--out", str(run), *resume]
+        torch.multiprocessing.spawn(ddp_worker, args=(2, port + steps, argv, str(tmp_path / "rank")), nprocs=2)
+        r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+        assert r0["seen"] and not set(r0["seen"]) & set(r1["seen"])  # each rank its own items
+        assert all(torch.equal(r0["weights"][k], r1["weights"][k]) for k in r0["weights"])  # weights agree
+        assert not [p for p in r1["written"] if str(run) in p]  # rank 1 writes nothing in the run folder
+        assert any(p.endswith("ckpt.pt") for p in r0["written"]) and any(p.endswith("log.csv") for p in r0["written"])
+    ck = torch.load(run / "ckpt.pt", weights_only=True)
+    assert ck["step"] == 4 and json.loads((run / "metrics.json").read_text())["steps"] == 4
+    assert [r.split(",")[0] for r in (run / "log.csv").read_text().splitlines()[1:]] == ["1", "2", "3", "4"]
+    assert len(r0["seen"]) == len(r1["seen"]) == 2 * 3  # the resumed steps 3, 4: 3 items per rank and step
+
+
+# ---------------------------------------------------------------- speed paths give the same numbers
+
+def test_compiled_training_step_and_inference_match_eager(monkeypatch):
+    """Graph capture of both networks and of Alg. 2 (dynamo + AOT autograd, the part that can break on our
+    code); the aot_eager backend skips inductor's C++ code generation, minutes on 2 cores."""
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, **{**kw, "backend": "aot_eager"}))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    cfg = tiny(eval_batch=4)
+    x0, mask = fixed_batch()
+    models = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = D.build_model(cfg)
+        if compiled:
+            D.compile_networks(model)
+        out = model(x0, mask, 3, torch.Generator().manual_seed(0))
+        out["total"].backward()
+        models.append((model, out))
+    (eager, le), (comp, lc) = models
+    assert torch.allclose(le["total"], lc["total"], atol=1e-4)
+    for p, q in zip(eager.parameters(), comp.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-4, rtol=1e-3)
+    assert set(comp.state_dict()) == set(eager.state_dict())  # checkpoints keep their keys
+    c = torch._dynamo.utils.counters
+    assert c["stats"]["unique_graphs"] >= 2 and not c["graph_break"]  # both networks compiled whole
+    images = torch.rand(6, 3, 32, 32)  # 6 = one full batch of 4 and one padded batch
+    a = D.run_inference(eager, images, cfg, (100, 200), torch.device("cpu"), 0)
+    b = D.run_inference(comp, images, replace(cfg, compile=True), (100, 200), torch.device("cpu"), 0)
+    assert np.allclose(a[0], b[0], atol=1e-4) and np.allclose(a[1], b[1], atol=1e-4)
+    assert "0 graph breaks" in D.compile_report()

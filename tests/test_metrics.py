@@ -8,7 +8,8 @@ from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 import metrics
-from metrics import evaluate, image_ap, image_auroc, pixel_ap, pixel_auroc, pro
+from metrics import (COLUMNS, evaluate, image_ap, image_auroc, image_f1_max, pixel_ap, pixel_auroc, pixel_f1_max,
+                     pro, table)
 
 
 def a(rows):
@@ -165,8 +166,9 @@ def test_evaluate_on_good_images_only_returns_nan_with_warnings():
     maps, masks = np.random.default_rng(0).random((3, 4, 4)), np.zeros((3, 4, 4), bool)
     with pytest.warns(RuntimeWarning, match="undefined") as record:
         out = evaluate(maps, masks, [0, 0, 0], [0.1, 0.2, 0.3])
-    assert set(out) == {"image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_pro"}
-    assert all(np.isnan(v) for v in out.values()) and len(record) == 5
+    assert set(out) == {"image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max",
+                        "pixel_pro"}
+    assert all(np.isnan(v) for v in out.values()) and len(record) == 7
     # Image labels mixed but no anomalous pixel: image metrics are still reported.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -204,3 +206,59 @@ def test_invalid_input_raises_with_message():
     for limit in (0, 1.5):
         with pytest.raises(ValueError, match=r"fpr_limit must be in \(0, 1\]"):
             pro(masks, maps, fpr_limit=limit)
+
+
+def brute_f1_max(labels, scores):
+    """F1 at each distinct threshold by direct counting (an independent computation)."""
+    labels, scores = np.asarray(labels, bool), np.asarray(scores, float)
+    best = 0.0
+    for t in np.unique(scores):
+        pred = scores >= t
+        tp, fp, fn = (pred & labels).sum(), (pred & ~labels).sum(), (~pred & labels).sum()
+        best = max(best, 2 * tp / (2 * tp + fp + fn))
+    return best
+
+
+def test_f1_max_against_direct_counting_with_ties():
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        labels = rng.random(40) < 0.4
+        labels[:2] = [0, 1]
+        scores = np.round(rng.random(40) + 0.4 * labels, 1)  # rounded: many ties
+        assert image_f1_max(labels, scores) == pytest.approx(brute_f1_max(labels, scores))
+    maps = np.round(rng.random((3, 8, 8)), 2)
+    masks = rng.random((3, 8, 8)) < 0.2
+    assert pixel_f1_max(masks, maps) == pytest.approx(brute_f1_max(masks.ravel(), maps.ravel()))
+    out = evaluate(maps, masks, [0, 1, 1], [0.1, 0.5, 0.3])
+    assert out["pixel_f1_max"] == pytest.approx(brute_f1_max(masks.ravel(), maps.ravel()))
+    assert image_f1_max([0, 1, 0, 1], [0.1, 0.9, 0.2, 0.8]) == 1.0
+
+
+def test_image_auroc_per_defect_type():
+    maps, masks = np.zeros((6, 4, 4)), np.zeros((6, 4, 4), bool)
+    masks[2:, 0, 0] = True
+    defects = ["good", "good", "crack", "crack", "hole", "hole"]
+    scores = [0.2, 0.4, 0.9, 0.8, 0.3, 0.1]  # cracks above every good image, holes mixed
+    out = evaluate(maps, masks, [0, 0, 1, 1, 1, 1], scores, defects=defects)
+    assert out["image_auroc_per_defect"] == {"crack": 1.0, "hole": pytest.approx(0.25)}
+    assert out["image_auroc_per_defect"]["hole"] == image_auroc([0, 0, 1, 1], [0.2, 0.4, 0.3, 0.1])
+
+
+def test_table_marks_unfinished_classes_and_compares_with_the_paper(tmp_path):
+    import json
+    for name, auroc in (("Class8", 0.98), ("Class10", 0.90), ("Class2", None)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+        if auroc is None:
+            (tmp_path / name / "log.csv").write_text("step,loss\n1,0.5\n2,0.4\n")
+            continue
+        m = {k: 0.5 for _, k in COLUMNS}
+        m.update(image_auroc=auroc, fps=10.0, train_seconds=120.0)
+        (tmp_path / name / "metrics.json").write_text(json.dumps(m))
+    md, text = table(tmp_path)
+    lines = md.splitlines()
+    assert [l.split(" | ")[0] for l in lines[2:]] == ["| Class2", "| Class8", "| Class10", "| mean of 2/3"]
+    assert "unfinished (step 2)" in lines[2]
+    assert "| 98.0 |" in lines[3] and "| 100.0 | -2.0 |" in lines[3]                # the paper's Class8
+    assert lines[5].startswith("| mean of 2/3 | 94.0 | 50.0")
+    assert text.splitlines()[0].startswith("Class,Image AUROC,Pixel AUROC,PRO,Image AP,Pixel AP,Image F1-max")

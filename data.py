@@ -60,6 +60,7 @@ OBJECT_CLASSES = {"bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill",
                   "macaroni1", "macaroni2", "pcb1", "pcb2", "pcb3", "pcb4", "pipe_fryum"}
 FOREGROUNDS = ("auto", "mask", "texture", "object", "none")
 BETA_RANGE = (0.0, 0.8)
+SHAPES = ("perlin", "curves", "mixed")
 PERLIN_THRESHOLD = 0.5
 
 
@@ -461,24 +462,53 @@ def shuffle_tiles(x, rng, grid=8) -> np.ndarray:
     return out
 
 
+def curves_mask(H, W, rng) -> np.ndarray:
+    """1-3 thin curved strokes (quadratic Bezier curves 8-30 % of the image long, 1 or 3 px wide at 256 px):
+    scratch-like anomaly masks (ours; an option, the paper's masks are Perlin blobs)."""
+    M, side = np.zeros((H, W), bool), min(H, W)
+    for _ in range(int(rng.integers(1, 4))):
+        p0 = rng.uniform(0, 1, 2) * (H, W)
+        length, angle = rng.uniform(0.08, 0.3) * side, rng.uniform(0, np.pi)
+        d = np.array([np.sin(angle), np.cos(angle)]) * length
+        p1 = p0 + d / 2 + rng.normal(0, 0.25) * np.array([d[1], -d[0]])   # the bend, across the stroke
+        t = np.linspace(0, 1, int(3 * length) + 2)[:, None]
+        yx = np.round((1 - t) ** 2 * p0 + 2 * t * (1 - t) * p1 + t ** 2 * (p0 + d)).astype(int)
+        ok = (yx[:, 0] >= 0) & (yx[:, 0] < H) & (yx[:, 1] >= 0) & (yx[:, 1] < W)
+        M[yx[ok, 0], yx[ok, 1]] = True
+    r = int(round(rng.uniform(0.5, 1.5) * side / 256))
+    return ndimage.binary_dilation(M, ndimage.iterate_structure(ndimage.generate_binary_structure(2, 1), r)) if r else M
+
+
 def synthesize(image, fg_mask, rng, texture=None, beta_range=BETA_RANGE, threshold=PERLIN_THRESHOLD,
-               details=False):
+               details=False, shape="perlin"):
     """Eq. (9) on one normal image (HxWx3 float in [0, 1]) -> (S, M) float32 (M is HxW of 0/1).
-    fg_mask: HxW bool or None (whole image). details=True returns (S, M, A, beta)."""
+    fg_mask: HxW bool or None (whole image). details=True returns (S, M, A, beta). shape: the mask M,
+    "perlin" (paper), "curves" (curves_mask) or "mixed" (either, with equal chance)."""
     N = np.asarray(image, np.float32)
     H, W = N.shape[:2]
     F = np.ones((H, W), bool) if fg_mask is None else np.asarray(fg_mask, bool)
     if not F.any():
         raise ValueError("synthesize: empty foreground mask")
-    top = int(np.clip(np.log2(min(H, W) / 8), 0, 5))            # 2^0..2^5 at 256; cells >= 8 px
-    for _ in range(10):                                         # an empty mask is redrawn
-        res = (2 ** int(rng.integers(0, top + 1)), 2 ** int(rng.integers(0, top + 1)))
-        noise = perlin((H, W), res, rng, rng.uniform(-np.pi / 2, np.pi / 2))
-        M = (noise > threshold) & F
-        if M.any():
-            break
-    else:
-        M = F & (noise >= np.quantile(noise[F], 0.9))
+    if shape not in SHAPES:
+        raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
+    M = None
+    if shape == "curves" or (shape == "mixed" and rng.random() < 0.5):
+        for _ in range(10):
+            M = curves_mask(H, W, rng) & F
+            if M.any():
+                break
+        else:
+            M = None                                            # none landed on the foreground: Perlin
+    if M is None:
+        top = int(np.clip(np.log2(min(H, W) / 8), 0, 5))        # 2^0..2^5 at 256; cells >= 8 px
+        for _ in range(10):                                     # an empty mask is redrawn
+            res = (2 ** int(rng.integers(0, top + 1)), 2 ** int(rng.integers(0, top + 1)))
+            noise = perlin((H, W), res, rng, rng.uniform(-np.pi / 2, np.pi / 2))
+            M = (noise > threshold) & F
+            if M.any():
+                break
+        else:
+            M = F & (noise >= np.quantile(noise[F], 0.9))
     A = shuffle_tiles(augment(N if texture is None else np.asarray(texture, np.float32), rng), rng)
     beta = float(rng.uniform(*beta_range))
     m = M[..., None].astype(np.float32)
@@ -515,11 +545,13 @@ class TrainSet(Dataset):
     optional folder (searched recursively) of anomaly source textures, e.g. DTD. Call set_epoch(e)."""
 
     def __init__(self, normal, seed=0, texture_dir=None, foreground="auto", beta_range=BETA_RANGE,
-                 threshold=PERLIN_THRESHOLD):
+                 threshold=PERLIN_THRESHOLD, shape="perlin"):
         if foreground not in FOREGROUNDS:
             raise ValueError(f"foreground must be one of {FOREGROUNDS}, got {foreground!r}")
         self.normal, self.seed, self.epoch = normal, int(seed), 0
-        self.beta_range, self.threshold, self._warned = tuple(beta_range), threshold, False
+        if shape not in SHAPES:
+            raise ValueError(f"anomaly shape must be one of {SHAPES}, got {shape!r}")
+        self.beta_range, self.threshold, self.shape, self._warned = tuple(beta_range), threshold, shape, False
         self.textures = []
         if texture_dir is not None:
             if not Path(texture_dir).is_dir():
@@ -576,7 +608,7 @@ class TrainSet(Dataset):
         N = item["image"].numpy().transpose(1, 2, 0)
         F = self._fg(i, N, rng)
         tex = _rgb(_open(self.textures[rng.integers(len(self.textures))]), N.shape[0]) if self.textures else None
-        S, M, A, beta = synthesize(N, F, rng, tex, self.beta_range, self.threshold, details=True)
+        S, M, A, beta = synthesize(N, F, rng, tex, self.beta_range, self.threshold, details=True, shape=self.shape)
         return {"image": N, "anomaly": A, "foreground": F, "mask": M, "synthetic": S, "beta": beta,
                 "path": item["path"]}
 
@@ -761,6 +793,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--texture-dir", default=None, help="anomaly source textures (e.g. DTD)")
     p.add_argument("--foreground", default="auto", choices=FOREGROUNDS)
+    p.add_argument("--shape", default="perlin", choices=SHAPES, help="anomaly masks (synthesize)")
     r = sub.add_parser("resize", help="copy a class folder (MVTec AD, VisA 1cls or DAGM layout) at the size the "
                        "loader would resize it to: images bilinear, masks as defect_mask, the rest as it is")
     r.add_argument("--data", required=True, help="ROOT/CLASS")
@@ -771,7 +804,7 @@ def main(argv=None):
         return resize_tree(args.data, args.out, args.img_size)
     try:
         ts = TrainSet(open_dataset(args.data, "train", args.img_size), seed=args.seed,
-                      texture_dir=args.texture_dir, foreground=args.foreground)
+                      texture_dir=args.texture_dir, foreground=args.foreground, shape=args.shape)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"data.py preview: {e}")
     idx = np.random.default_rng(args.seed).choice(len(ts), min(args.n, len(ts)), replace=False)

@@ -65,6 +65,8 @@ class Config:
     pixel_range: str = arg("0,1", "range fed to the networks, '0,1' or '-1,1' (authors' code: 0,1)")
     foreground: str = arg("auto", "synthesis foreground: auto|object|texture|none (data.py, Sec. 3.3)")
     texture_dir: str = arg("", "anomaly source textures such as DTD; empty = self-augmentation (Sec. 3.3)")
+    anomaly_shape: str = arg("perlin", "synthetic anomaly masks: perlin (paper) | curves (thin scratch-like "
+                             "strokes) | mixed (half each) (ours; data.curves_mask)")
     timesteps: int = arg(1000, "T, Sec. 4.2")
     train_t: int = arg(0, "Alg. 1 draws t ~ U{1..train_t}; 0 = T (paper; the authors' later code: < 300)")
     beta_start: float = arg(1e-4, "linear schedule start, DDPM / authors' code (paper text: 1e-2)")
@@ -72,7 +74,8 @@ class Config:
     base_channels: int = arg(128, "denoiser width, Sec. 4.2")
     channel_mult: str = arg("", "denoiser level multipliers; empty = by size, 1,1,2,2,4,4 at 256 (authors' code)")
     num_res_blocks: int = arg(2, "residual blocks per level (authors' code)")
-    attn_resolutions: str = arg("32,16,8", "self-attention resolutions, Sec. 4.2")
+    attn_resolutions: str = arg("32,16,8", "self-attention resolutions, Sec. 4.2 (and the middle block); '' = no "
+                                "attention, a fully convolutional denoiser (ours: for --crop training)")
     num_heads: int = arg(4, "attention heads, Sec. 4.2")
     dropout: float = arg(0.0, "denoiser dropout (authors' code)")
     seg_channels: int = arg(64, "segmentation net base width (DRAEM's discriminative net)")
@@ -111,7 +114,7 @@ FREE_FIELDS = ("out", "classes", "epochs", "max_steps", "max_minutes", "eval_t",
                "amp", "compile", "workers", "ckpt_every", "keep_ckpts", "log_every", "bn_recal")
 ABLATIONS = ("none", "seg-only", "ae", "denoise-only")
 CHOICES = {"ablation": ABLATIONS, "pixel_range": ("0,1", "-1,1"), "lr_schedule": ("constant", "cosine"),
-           "seg_grad": ("full", "none", "scaled"), "seg_norm": ("batch", "group")}
+           "seg_grad": ("full", "none", "scaled"), "seg_norm": ("batch", "group"), "anomaly_shape": data.SHAPES}
 
 
 def ints(text):
@@ -279,7 +282,8 @@ class DenoisingUNet(nn.Module):
                 self.down.append(Step(Resample(cur, up=False)))
                 skips.append(cur)
                 res //= 2
-        self.mid = Step(block(cur, cur), Attention(cur, cfg.num_heads), block(cur, cur))
+        mid_attn = [Attention(cur, cfg.num_heads)] if attn else []  # none: fully convolutional (ours, for --crop)
+        self.mid = Step(block(cur, cur), *mid_attn, block(cur, cur))
         self.up = nn.ModuleList()
         for level, m in reversed(list(enumerate(mult))):
             for i in range(cfg.num_res_blocks + 1):
@@ -591,7 +595,7 @@ def preflight(cfg):
 def make_trainset(cfg, normal=None):
     try:
         return data.TrainSet(normal or open_split(cfg, "train"), seed=cfg.seed, texture_dir=cfg.texture_dir or None,
-                             foreground=cfg.foreground)
+                             foreground=cfg.foreground, shape=cfg.anomaly_shape)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"{e}")
 

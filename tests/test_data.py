@@ -376,6 +376,27 @@ def test_default_beta_range_is_documented():
     assert 0 <= min(betas) and max(betas) < 0.8 and max(betas) - min(betas) > 0.4
 
 
+def test_curve_masks_are_thin_strokes_and_mixed_uses_both():
+    rng = np.random.default_rng(0)
+    for size in (64, 256):
+        for _ in range(20):
+            M = data.curves_mask(size, size, rng)
+            assert M.any() and M.mean() < 0.03                       # thin: a few % of the image at most
+            eroded = ndimage.binary_erosion(M, np.ones((5, 5), bool))
+            assert not eroded.any()                                  # nowhere 5 px thick
+    img = np.full((64, 64, 3), 0.5, np.float32)
+    shapes = []
+    for i in range(40):
+        _, M = data.synthesize(img, None, np.random.default_rng(i), shape="mixed")
+        shapes.append(not ndimage.binary_erosion(M, np.ones((5, 5), bool)).any())
+    assert 5 < sum(shapes) < 35                                      # both kinds occur
+    a = data.synthesize(img, None, np.random.default_rng(1))                      # the paper's default...
+    b = data.synthesize(img, None, np.random.default_rng(1), shape="perlin")     # ...is Perlin
+    assert np.array_equal(a[1], b[1])
+    with pytest.raises(ValueError, match="shape must be one of"):
+        data.synthesize(img, None, rng, shape="blob")
+
+
 def test_same_seed_same_sample_different_seed_different():
     N, F = normal_image(), disk()
     a = data.synthesize(N, F, np.random.default_rng(7))

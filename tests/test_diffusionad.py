@@ -73,6 +73,13 @@ def test_network_output_shapes(size, mult):
     assert model.seg(torch.cat([x, x], 1)).shape == (2, 1, size, size)
 
 
+def test_empty_attention_list_gives_a_fully_convolutional_denoiser():
+    net = D.DenoisingUNet(tiny(attn_resolutions=""))
+    assert not any(isinstance(m, D.Attention) for m in net.modules())
+    assert net(torch.rand(1, 3, 64, 64), torch.tensor([5])).shape == (1, 3, 64, 64)  # any size: convolutional
+    assert sum(isinstance(m, D.Attention) for m in D.DenoisingUNet(tiny()).modules()) > 1
+
+
 def test_paper_size_builds_with_default_multipliers():
     cfg = D.check_config(D.Config(img_size=256, base_channels=32, seg_channels=4))
     assert D.channel_mult(cfg) == (1, 1, 2, 2, 4, 4)

@@ -1,0 +1,76 @@
+"""The segmentation net's BatchNorm train/eval gap, measured on the model's own training task.
+
+python docs/bn_gap.py RUN/ckpt.pt [--batches 20]
+Draws fresh synthetic anomalies on training images (an epoch the run never saw), restores them at the
+inference time steps (Alg. 2) and scores the maps against the synthetic masks with the seg net's
+BatchNorm (a) in eval mode with the running statistics from training, (b) recalibrated on inference-like
+inputs (diffusionad.recalibrate_bn, other images), (c) in training mode (each batch's own statistics).
+Prints pixel AUROC / image AUROC (normal vs synthetic) for each, and the first BatchNorm's running
+variance next to the variance of its input at inference.
+"""
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data  # noqa: E402
+import diffusionad as D  # noqa: E402
+import metrics  # noqa: E402
+
+
+def maps_on(model, batches, cfg, ts, bn_train):
+    g = torch.Generator().manual_seed(123)
+    maps, masks, scores = [], [], []
+    model.eval()
+    if bn_train:
+        model.seg.train()
+    with torch.no_grad():
+        for x0, mask in batches:
+            noise = torch.randn((len(ts) * len(x0), *x0.shape[1:]), generator=g)
+            m, s, _ = model.anomaly_maps(x0, ts, noise)
+            maps.append(m.numpy()), masks.append(mask[:, 0].numpy()), scores.append(s.numpy())
+    maps, masks, scores = np.concatenate(maps), np.concatenate(masks), np.concatenate(scores)
+    labels = masks.reshape(len(masks), -1).any(1).astype(int)
+    return metrics.pixel_auroc(masks, maps), metrics.image_auroc(labels, scores)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("ckpt")
+    ap.add_argument("--batches", type=int, default=20)
+    a = ap.parse_args()
+    state, cfg = D.load_checkpoint(a.ckpt)
+    model = D.build_model(cfg, state, use_ema=cfg.ema > 0)
+    trainset = D.make_trainset(cfg)
+    ts = D.ints(cfg.eval_t)
+    epoch = 10 ** 6 + 1  # neither training nor recalibrate_bn uses this epoch
+    keys = data.epoch_batches(len(trainset), cfg.batch_size // 2, cfg.seed, epoch)[:a.batches]
+    batches = []
+    for b in torch.utils.data.DataLoader(trainset, batch_sampler=[[(epoch, i) for i in k] for k in keys]):
+        x0, mask = D.training_batch(b, cfg, torch.device("cpu"))
+        batches.append((x0, mask))
+    bn = next(m for m in model.seg.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    with torch.no_grad():  # the first BatchNorm's input at inference: conv1 of cat(x0, x0_hat) at ts
+        x0 = torch.cat([x for x, _ in batches])[:24]
+        x0k = x0.repeat(len(ts), 1, 1, 1)
+        t = torch.tensor(ts).repeat_interleave(len(x0))
+        x0_hat = x0k if model.denoiser is None else \
+            model.restore(x0k, t, torch.randn(x0k.shape, generator=torch.Generator().manual_seed(5)))[0]
+        feat = model.seg.enc[0][0][0](x0k if cfg.ablation == "seg-only" else torch.cat([x0k, x0_hat], 1))
+    print(f"{a.ckpt} (step {state['step']}): first BatchNorm running var mean {bn.running_var.mean():.4f}, "
+          f"its input's variance at t={cfg.eval_t}: {feat.var((0, 2, 3)).mean():.4f}")
+    rows = [("eval mode, training statistics", maps_on(model, batches, cfg, ts, False))]
+    recal = copy.deepcopy(model)
+    D.recalibrate_bn(recal, cfg, trainset, torch.device("cpu"), 50)
+    rows.append(("eval mode, recalibrated (50 batches)", maps_on(recal, batches, cfg, ts, False)))
+    rows.append(("train mode, batch statistics", maps_on(copy.deepcopy(model), batches, cfg, ts, True)))
+    for name, (p, i) in rows:
+        print(f"  {name:<38} pixel AUROC {100 * p:.1f}  image AUROC {100 * i:.1f}")
+
+
+if __name__ == "__main__":
+    main()

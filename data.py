@@ -180,6 +180,23 @@ def _chw(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1), dtype=np.float32))
 
 
+def list_images(inputs) -> list[Path]:
+    """Image files and the images found (recursively) in folders, in order; FileNotFoundError names a
+    missing path or a folder without images."""
+    files = []
+    for p in map(Path, inputs):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMG_EXTS)
+            if not found:
+                raise FileNotFoundError(f"{p}: no image files ({', '.join(sorted(IMG_EXTS))}) in this folder")
+            files += found
+        elif p.exists():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: no such file or folder")
+    return files
+
+
 def load_image(path, img_size: int) -> torch.Tensor:
     """A user's image as the model sees it: float32 3xHxW in [0, 1]; errors name the file."""
     return _chw(_rgb(_open(path), img_size))

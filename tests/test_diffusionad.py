@@ -289,6 +289,13 @@ def test_ema_and_schedule_resume_exactly(tmp_path):
     assert lr[0] < lr[1] and lr[-1] < lr[2]  # warm-up, then decay
 
 
+def test_max_minutes_ends_with_a_checkpoint_and_the_final_evaluation(tmp_path, capsys):
+    run = D.train(tiny(data="synthetic", max_steps=50, max_minutes=1e-6, out=str(tmp_path / "m")))
+    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 1
+    assert json.loads((run / "metrics.json").read_text())["steps"] == 1
+    assert "--max-minutes 1e-06 reached at step 1/50" in capsys.readouterr().out
+
+
 def test_resume_errors(tmp_path):
     with pytest.raises(SystemExit, match="--resume: no checkpoint"):
         D.train(tiny(data="synthetic", max_steps=1, out=str(tmp_path / "none")), resume=True)
@@ -413,6 +420,15 @@ def test_bench_runs_and_reports_both_paths(capsys):
     assert "data loader alone (synthetic, 1 workers, synthesizer included)" in out
     assert "naive (1 image" in out and "shipped (batch 16" in out
     assert ("shipped with bf16" in out) == native_bf16()
+
+
+def test_cuda_without_a_gpu_and_eval_under_torchrun_are_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="--device cuda: no CUDA device is available"):
+        D.pick_device(tiny(device="cuda"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="eval runs in one process: start it without torchrun"):
+        D.main(["eval", "--run", "nowhere"])
 
 
 def test_amp_on_a_cpu_without_native_bf16_is_refused(monkeypatch):
@@ -664,3 +680,23 @@ def test_compiled_training_step_and_inference_match_eager(monkeypatch):
     b = D.run_inference(comp, images, replace(cfg, compile=True), (100, 200), torch.device("cpu"), 0)
     assert np.allclose(a[0], b[0], atol=1e-4) and np.allclose(a[1], b[1], atol=1e-4)
     assert "0 graph breaks" in D.compile_report()
+
+
+def benchmark_worker(rank, world, argv, cwd):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    os.chdir(cwd)
+    torch.set_num_threads(1)
+    D.main(argv)
+
+
+def test_torchrun_spreads_the_classes_of_a_benchmark(tmp_path):
+    root = tmp_path / "mvtec"
+    for name in ("a1", "b2", "c3"):
+        make_mvtec_tree(root, name=name)
+    argv = ["train", "--data", str(root), "--max-steps", "1", "--device", "cpu"] + tiny_flags(img_size=64)
+    torch.multiprocessing.spawn(benchmark_worker, args=(2, argv, str(tmp_path)), nprocs=2)
+    for name in ("a1", "b2", "c3"):
+        m = json.loads((tmp_path / "runs/mvtec" / name / "metrics.json").read_text())
+        assert m["steps"] == 1 and m["config"]["data"] == str(root / name)
+    rows = (tmp_path / "runs/mvtec/table.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows] == ["Class", "a1", "b2", "c3", "mean"]  # the last one wrote it all

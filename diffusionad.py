@@ -862,8 +862,6 @@ def train(cfg, resume=False):
     print(f"trained {step - step0} steps in {fmt_time(train_seconds)}"
           + (f" (--max-minutes {cfg.max_minutes} reached at step {step}/{total})" if ended == "time" else "")
           + "; evaluating the final model on the test split")
-    if cfg.compile:
-        print("  " + compile_report())
     if ema is not None:
         model.denoiser.load_state_dict(ema.state_dict())
     if cfg.bn_recal:  # saved in the checkpoint, so that eval and predict use the same statistics
@@ -874,6 +872,8 @@ def train(cfg, resume=False):
     res = evaluate_model(model, cfg, cfg.data, ints(cfg.eval_t), device, test=splits["test"])
     res.update(train_seconds=round(train_seconds, 1), steps=step)
     write_metrics(run / "metrics.json", res, cfg)
+    if cfg.compile:
+        print("  " + compile_report() + " (training and evaluation)")
     lock.close()
     return run
 
@@ -1198,7 +1198,7 @@ def bench(cfg, n_images, train_size, train_steps):
     for name, c in paths:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        fn = naive if c is None else (lambda c=c: run_inference(model, images, c, ts, device, c.seed))
+        fn = naive if c is None else (lambda c=c: run_inference(model, images, replace(c, log_every=1e9), ts, device, 0))
         fps = n_images / timed(fn, device)
         base_fps = base_fps or fps
         print(f"  {name}: {fps:.2f} images/s ({fps / base_fps:.2f}x), {mem} {peak_memory_mb(device):.0f} MiB")
@@ -1222,7 +1222,9 @@ def add_config_flags(p):
 
 def config_from(a):
     given = {f.name: getattr(a, f.name) for f in fields(Config) if hasattr(a, f.name)}
-    preset = CPU_PRESET if a.preset == "cpu" else {}
+    preset = dict(CPU_PRESET) if a.preset == "cpu" else {}
+    if preset and given.get("img_size", 64) != 64:  # the same 16-px bottom level at any size: attention stays cheap
+        preset["channel_mult"] = {128: "1,2,2,4", 256: "1,2,2,4,4", 512: "1,2,2,4,4,4"}.get(given["img_size"], "")
     return Config(**{**preset, **given})
 
 

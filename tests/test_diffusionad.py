@@ -73,6 +73,21 @@ def test_network_output_shapes(size, mult):
     assert model.seg(torch.cat([x, x], 1)).shape == (2, 1, size, size)
 
 
+def test_cpu_preset_keeps_a_16_px_bottom_level_at_any_size():
+    parse = lambda *flags: D.config_from(argparse_train(list(flags)))
+    assert parse("--preset", "cpu").channel_mult == "1,2,4"
+    assert parse("--preset", "cpu", "--img-size", "256").channel_mult == "1,2,2,4,4"
+    assert parse("--preset", "cpu", "--img-size", "256", "--channel-mult", "1,2,4").channel_mult == "1,2,4"
+    assert parse("--img-size", "256").channel_mult == ""  # the paper's: by size, in channel_mult()
+
+
+def argparse_train(flags):
+    import argparse
+    p = argparse.ArgumentParser()
+    D.add_config_flags(p)
+    return p.parse_args(flags)
+
+
 def test_empty_attention_list_gives_a_fully_convolutional_denoiser():
     net = D.DenoisingUNet(tiny(attn_resolutions=""))
     assert not any(isinstance(m, D.Attention) for m in net.modules())

@@ -21,11 +21,14 @@ Deviations from the paper and the authors' code (also in README.md):
   large t (divided by sqrt(alpha_bar_t) ~ 0.006) fills BatchNorm's running statistics with huge values
   and the maps at t = 100, 200 come out flat (README, Results).
 - PRO is computed exactly (metrics.py), not with the authors' 1000 sampled thresholds.
-- Options of ours, off by default: --crop trains on crops that keep the anomaly (whole images at eval);
-  --train-t N draws Alg. 1's t from 1..N (the authors' later code uses < 300; no gain in our runs).
+- Thin defects: a ground-truth region that vanishes when its mask is resized keeps one pixel (data.py).
+- Under torchrun the seg net's BatchNorm normalises over the global batch (our all-reduce; CPUs too).
+- Options of ours, off by default (README, Results): --crop trains on crops that keep the anomaly (whole
+  images at eval), with --attn-resolutions '' for a fully convolutional denoiser; --train-t N draws Alg. 1's
+  t from 1..N (the authors' later code: N < 300; --preset cpu uses 300); --seg-grad none, --lr-schedule
+  cosine, --seg-norm group, --bn-recal, --anomaly-shape curves|mixed.
 """
 import argparse
-import copy
 import csv
 import fcntl
 import functools
@@ -84,8 +87,7 @@ class Config:
     lr: float = arg(1e-4, "Adam learning rate, one optimizer over both networks, Sec. 4.2")
     lr_schedule: str = arg("constant", "constant (paper) | cosine: linear warm-up, then cosine decay to 0 at the last step (ours)")
     warmup: int = arg(0, "warm-up steps of the cosine schedule (ours)")
-    ema: float = arg(0.0, "if > 0, evaluate an exponential moving average of the denoiser's weights with this decay (ours; the paper uses none)")
-    seg_grad: str = arg("full", "the mask loss's gradient into the denoiser through Eq. 5: full (paper) | none | scaled (times sqrt(alpha_bar_t)) (ours)")
+    seg_grad: str = arg("full", "the mask loss's gradient into the denoiser through Eq. 5: full (paper) | none (ours)")
     seg_norm: str = arg("batch", "segmentation net normalization: batch (DRAEM) | group (no running statistics; ours)")
     bn_recal: int = arg(0, "if > 0, after training re-estimate the seg net's BatchNorm statistics on this many training batches restored at --eval-t (ours)")
     epochs: int = arg(500, "training epochs, Sec. 4.2")
@@ -106,15 +108,17 @@ class Config:
     log_every: float = arg(10.0, "seconds between progress lines")
 
 
-# Small model for a 2-core CPU (README quickstart); flags given on the command line win.
+# Small model for a 2-core CPU (README quickstart); flags given on the command line win. train_t=300: Alg. 1's t
+# from 1..300, as the authors' later code (README, Results: cleaner restorations, better pixel metrics).
 CPU_PRESET = dict(img_size=64, base_channels=16, num_res_blocks=1, channel_mult="1,2,4", attn_resolutions="16",
-                  seg_channels=16, max_steps=900, lr=5e-4, eval_batch=16, workers=0)
+                  seg_channels=16, max_steps=900, lr=5e-4, eval_batch=16, workers=0, train_t=300)
 # Fields that may change when a run is resumed; all others define the networks or the training problem.
 FREE_FIELDS = ("out", "classes", "epochs", "max_steps", "max_minutes", "eval_t", "top_k", "eval_batch", "device",
                "amp", "compile", "workers", "ckpt_every", "keep_ckpts", "log_every", "bn_recal")
+RETIRED = {"ema": 0.0}  # removed options and their "off" values: older checkpoints with them off still load
 ABLATIONS = ("none", "seg-only", "ae", "denoise-only")
 CHOICES = {"ablation": ABLATIONS, "pixel_range": ("0,1", "-1,1"), "lr_schedule": ("constant", "cosine"),
-           "seg_grad": ("full", "none", "scaled"), "seg_norm": ("batch", "group"), "anomaly_shape": data.SHAPES}
+           "seg_grad": ("full", "none"), "seg_norm": ("batch", "group"), "anomaly_shape": data.SHAPES}
 
 
 def ints(text):
@@ -155,8 +159,6 @@ def check_config(cfg):
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             problems.append(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
-    if not 0 <= cfg.ema < 1:
-        problems.append(f"--ema must be in [0, 1) (0 = off), got {cfg.ema}")
     if cfg.batch_size < 2 or cfg.batch_size % 2:
         problems.append(f"--batch-size must be even (half normal, half synthetic), got {cfg.batch_size}")
     if cfg.img_size % 32 or cfg.img_size % 2 ** (len(mult) - 1):
@@ -395,9 +397,6 @@ class DiffusionAD(nn.Module):
         if self.seg is not None:
             if x0_hat is not None and self.cfg.seg_grad == "none":  # ours: no mask-loss gradient into the denoiser
                 x0_hat = x0_hat.detach()
-            elif x0_hat is not None and self.cfg.seg_grad == "scaled":  # ours: undo Eq. 5's 1/sqrt(alpha_bar_t)
-                k = extract(self.sqrt_ab, t)  # same values, gradient times k
-                x0_hat = x0_hat.detach() + k * (x0_hat - x0_hat.detach())
             logits = self.segment(x0, x0_hat)  # Alg. 1: M_hat = seg(cat(x0, x0_hat))
             out["mask"] = F.smooth_l1_loss(torch.sigmoid(logits), mask) \
                 + self.cfg.gamma * focal_loss(logits, mask)  # Eq. (7)
@@ -489,13 +488,11 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
-def save_checkpoint(path, model, opt, step, cfg, seconds=0.0, ema=None):
+def save_checkpoint(path, model, opt, step, cfg, seconds=0.0):
     """Both networks, the optimizer, the step and the config. Loadable with torch.load(weights_only=True)."""
     state = {"denoiser": model.denoiser.state_dict() if model.denoiser is not None else {},
              "seg": model.seg.state_dict() if model.seg is not None else {},
              "optimizer": opt.state_dict(), "step": step, "seconds": seconds, "config": asdict(cfg)}
-    if ema is not None:
-        state["denoiser_ema"] = ema.state_dict()
     atomic_save(state, path)
 
 
@@ -509,6 +506,10 @@ def load_checkpoint(path):
         raise SystemExit(f"{path}: not a readable DiffusionAD checkpoint ({type(e).__name__}: {str(e)[:200]})")
     if not isinstance(ckpt, dict) or not {"denoiser", "seg", "config", "step"} <= ckpt.keys():
         raise SystemExit(f"{path}: not a DiffusionAD checkpoint (missing keys)")
+    for name, neutral in RETIRED.items():  # options of earlier versions: fine when they were off
+        if ckpt["config"].get(name, neutral) != neutral:
+            raise SystemExit(f"{path}: trained with --{name} {ckpt['config'][name]}, which this version no longer has")
+        ckpt["config"].pop(name, None)
     unknown = set(ckpt["config"]) - {f.name for f in fields(Config)}
     if unknown:
         raise SystemExit(f"{path}: checkpoint config has unknown fields {sorted(unknown)} (a newer version?)")
@@ -522,16 +523,15 @@ def check_same_run(saved, cfg, path):
         raise SystemExit(f"{path} was trained with another configuration:\n  " + "\n  ".join(diff))
 
 
-def build_model(cfg, ckpt=None, device="cpu", use_ema=False):
-    """The model, with the checkpoint's weights if given (use_ema: the denoiser's EMA weights, if saved)."""
+def build_model(cfg, ckpt=None, device="cpu"):
+    """The model, with the checkpoint's weights if given."""
     model = DiffusionAD(cfg)
     if ckpt is not None:
         for name in ("denoiser", "seg"):
             net = getattr(model, name)
-            key = "denoiser_ema" if name == "denoiser" and use_ema and "denoiser_ema" in ckpt else name
             if net is not None:
                 try:
-                    net.load_state_dict(ckpt[key])
+                    net.load_state_dict(ckpt[name])
                 except RuntimeError as e:
                     raise SystemExit(f"checkpoint weights of the {name} do not fit its config: {str(e)[:500]}")
     return model.to(device)
@@ -727,11 +727,6 @@ def train(cfg, resume=False):
 
     model = build_model(cfg, ckpt, device).to(memory_format=memory_format(cfg, device))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type == "cuda")  # one optimizer, both nets
-    ema = None
-    if cfg.ema and model.denoiser is not None:  # ours: EMA of the denoiser's weights, used for evaluation
-        ema = copy.deepcopy(model.denoiser).requires_grad_(False)
-        if ckpt is not None:
-            ema.load_state_dict(ckpt["denoiser_ema"])
     step, seconds0 = 0, 0.0
     if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer"])
@@ -807,9 +802,6 @@ def train(cfg, resume=False):
             for group in opt.param_groups:
                 group["lr"] = lr
             opt.step()
-            if ema is not None:
-                with torch.no_grad():
-                    torch._foreach_lerp_(list(ema.parameters()), list(model.denoiser.parameters()), 1 - cfg.ema)
             step += 1
             now = time.time()
             pending.append((step, torch.stack([loss[k].detach() for k in keys]), lr, seconds0 + now - t_start))
@@ -825,10 +817,10 @@ def train(cfg, resume=False):
                 if rank == 0:
                     log.flush()  # log.csv holds every row up to the checkpoint
                 if rank == 0 and (step % cfg.ckpt_every == 0 or step == total or halt):
-                    save_checkpoint(ckpt_path, model, opt, step, cfg, seconds0 + now - t_start, ema)
+                    save_checkpoint(ckpt_path, model, opt, step, cfg, seconds0 + now - t_start)
                     saved_step = step
                 if rank == 0 and step in keep:
-                    save_checkpoint(run / f"ckpt_{step}.pt", model, opt, step, cfg, seconds0 + now - t_start, ema)
+                    save_checkpoint(run / f"ckpt_{step}.pt", model, opt, step, cfg, seconds0 + now - t_start)
             if now - t_print >= cfg.log_every or step == total or step == step0 + 1 or halt:
                 last = flush() or last
                 t_print, rate = now, (step - step0) / max(now - t_start, 1e-9)
@@ -862,8 +854,6 @@ def train(cfg, resume=False):
     print(f"trained {step - step0} steps in {fmt_time(train_seconds)}"
           + (f" (--max-minutes {cfg.max_minutes} reached at step {step}/{total})" if ended == "time" else "")
           + "; evaluating the final model on the test split")
-    if ema is not None:
-        model.denoiser.load_state_dict(ema.state_dict())
     if cfg.bn_recal:  # saved in the checkpoint, so that eval and predict use the same statistics
         recalibrate_bn(model, cfg, trainset, device, cfg.bn_recal)
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
@@ -1026,7 +1016,7 @@ def open_run(a):
     cfg = check_config(replace(cfg, device=a.device, amp=a.amp, compile=a.compile, eval_t=a.t or cfg.eval_t,
                                eval_batch=a.batch or cfg.eval_batch, log_every=a.log_every or cfg.log_every))
     device = pick_device(cfg)
-    model = build_model(cfg, state, device, use_ema=cfg.ema > 0).eval()
+    model = build_model(cfg, state, device).eval()
     if getattr(a, "bn_recal", 0):
         recalibrate_bn(model, cfg, make_trainset(cfg), device, a.bn_recal)
     return model, cfg, device, path, state

@@ -20,6 +20,8 @@ def points(run):
     """{step: metrics} of one run's evaluations (one file per checkpoint, the latest written wins)."""
     out = {}
     for f in sorted(Path(run).glob("eval_ckpt_*.json"), key=lambda p: p.stat().st_mtime):
+        if not f.stem.endswith("_t100+200"):  # another option (_amp, _bnrecalN): not this curve
+            continue
         m = json.loads(f.read_text())
         if m.get("eval_t") == [100, 200]:
             out[m["steps"]] = m

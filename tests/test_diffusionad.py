@@ -137,8 +137,8 @@ def test_mask_loss_gradient_reaches_the_denoiser():
     assert sum(g.abs().sum().item() for g in grads) > 0
 
 
-@pytest.mark.parametrize("seg_grad", ["none", "scaled"])
-def test_seg_grad_options_change_only_the_denoiser_gradient(seg_grad):
+def test_seg_grad_none_changes_only_the_denoiser_gradient():
+    seg_grad = "none"
     x0, mask = fixed_batch()
     grads = {}
     for mode in ("full", seg_grad):
@@ -152,10 +152,7 @@ def test_seg_grad_options_change_only_the_denoiser_gradient(seg_grad):
     assert full[2] == other[2]  # same losses: only the backward pass differs
     assert all(torch.equal(a, b) for a, b in zip(full[1], other[1]))  # the seg net's gradient is unchanged
     norm = lambda gs: sum(g.abs().sum().item() for g in gs)
-    if seg_grad == "none":
-        assert norm(other[0]) == 0 and norm(full[0]) > 0
-    else:  # scaled by sqrt(alpha_bar_t) <= 1: smaller, not zero
-        assert 0 < norm(other[0]) < norm(full[0])
+    assert norm(other[0]) == 0 and norm(full[0]) > 0
 
 
 def test_cosine_schedule_warms_up_and_decays_to_zero():
@@ -291,15 +288,14 @@ def test_resume_continues_the_same_trajectory(tmp_path):
     assert steps == ["1", "2", "3", "4", "5"]
 
 
-def test_ema_and_schedule_resume_exactly(tmp_path):
-    flags = tiny_flags(data="synthetic", ema=0.9, lr_schedule="cosine", warmup=2, ckpt_every=3)
+def test_cosine_schedule_resumes_exactly(tmp_path):
+    flags = tiny_flags(data="synthetic", lr_schedule="cosine", warmup=2, ckpt_every=3)
     D.main(["train", *flags, "--max-steps", "6", "--out", str(tmp_path / "a")])
-    D.main(["train", *flags, "--max-steps", "3", "--out", str(tmp_path / "b")])
+    D.main(["train", *flags, "--max-steps", "6", "--max-minutes", "1e-9", "--out", str(tmp_path / "b")])
     D.main(["train", *flags, "--max-steps", "6", "--out", str(tmp_path / "b"), "--resume"])
     a, b = (torch.load(tmp_path / r / "ckpt.pt", weights_only=True) for r in "ab")
-    for k in a["denoiser_ema"]:
-        assert torch.equal(a["denoiser_ema"][k], b["denoiser_ema"][k]), k
-    assert not all(torch.equal(a["denoiser_ema"][k], a["denoiser"][k]) for k in a["denoiser"])
+    for k in a["denoiser"]:
+        assert torch.equal(a["denoiser"][k], b["denoiser"][k]), k
     lr = [float(r.split(",")[5]) for r in (tmp_path / "a" / "log.csv").read_text().splitlines()[1:]]
     assert lr[0] < lr[1] and lr[-1] < lr[2]  # warm-up, then decay
 
@@ -366,6 +362,17 @@ def test_checkpoint_of_another_kind_is_a_clear_error(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit, match="junk.pt: not a readable"):
         D.load_checkpoint(tmp_path / "junk.pt")
+    model = D.DiffusionAD(tiny())  # an earlier version's checkpoint: a retired option that was off still loads
+    D.save_checkpoint(tmp_path / "old.pt", model, torch.optim.Adam(model.parameters()), 0, tiny())
+    state = torch.load(tmp_path / "old.pt", weights_only=True)
+    for value, ok in ((0.0, True), (0.99, False)):
+        state["config"]["ema"] = value
+        torch.save(state, tmp_path / "old.pt")
+        if ok:
+            assert D.load_checkpoint(tmp_path / "old.pt")[1] == tiny()
+        else:
+            with pytest.raises(SystemExit, match="trained with --ema 0.99, which this version no longer has"):
+                D.load_checkpoint(tmp_path / "old.pt")
 
 
 # ---------------------------------------------------------------- the CLI end to end

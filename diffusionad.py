@@ -25,8 +25,8 @@ Deviations from the paper and the authors' code (also in README.md):
 - Under torchrun the seg net's BatchNorm normalises over the global batch (our all-reduce; CPUs too).
 - Options of ours, off by default (README, Results): --crop trains on crops that keep the anomaly (whole
   images at eval), with --attn-resolutions '' for a fully convolutional denoiser; --train-t N draws Alg. 1's
-  t from 1..N (the authors' later code: N < 300; --preset cpu uses 300); --seg-grad none, --lr-schedule
-  cosine, --seg-norm group, --bn-recal, --anomaly-shape curves|mixed.
+  t from 1..N (the authors' later code: N < 300; --preset cpu uses 300); --seg-grad none (x0_hat detached
+  before the seg net); eval --bn-recal N; --anomaly-shape curves|mixed (thin scratch-like synthetic masks).
 """
 import argparse
 import csv
@@ -85,11 +85,7 @@ class Config:
     gamma: float = arg(5.0, "focal-loss weight in L_mask, Eq. 7 / Sec. 4.2")
     batch_size: int = arg(6, "images per step, half normal half synthetic: 3 + 3, Sec. 4.2")
     lr: float = arg(1e-4, "Adam learning rate, one optimizer over both networks, Sec. 4.2")
-    lr_schedule: str = arg("constant", "constant (paper) | cosine: linear warm-up, then cosine decay to 0 at the last step (ours)")
-    warmup: int = arg(0, "warm-up steps of the cosine schedule (ours)")
     seg_grad: str = arg("full", "the mask loss's gradient into the denoiser through Eq. 5: full (paper) | none (ours)")
-    seg_norm: str = arg("batch", "segmentation net normalization: batch (DRAEM) | group (no running statistics; ours)")
-    bn_recal: int = arg(0, "if > 0, after training re-estimate the seg net's BatchNorm statistics on this many training batches restored at --eval-t (ours)")
     epochs: int = arg(500, "training epochs, Sec. 4.2")
     max_steps: int = arg(0, "if > 0, train this many steps instead of `epochs` (ours, for CPU budgets)")
     eval_t: str = arg("100,200", "inference time steps whose maps are averaged, Sec. 4.2 / Table 4")
@@ -114,11 +110,12 @@ CPU_PRESET = dict(img_size=64, base_channels=16, num_res_blocks=1, channel_mult=
                   seg_channels=16, max_steps=900, lr=5e-4, eval_batch=16, workers=0, train_t=300)
 # Fields that may change when a run is resumed; all others define the networks or the training problem.
 FREE_FIELDS = ("out", "classes", "epochs", "max_steps", "max_minutes", "eval_t", "top_k", "eval_batch", "device",
-               "amp", "compile", "workers", "ckpt_every", "keep_ckpts", "log_every", "bn_recal")
-RETIRED = {"ema": 0.0}  # removed options and their "off" values: older checkpoints with them off still load
+               "amp", "compile", "workers", "ckpt_every", "keep_ckpts", "log_every")
+# Options of earlier versions and their "off" values: older checkpoints with them off still load.
+RETIRED = {"ema": 0.0, "bn_recal": 0, "lr_schedule": "constant", "warmup": 0, "seg_norm": "batch"}
 ABLATIONS = ("none", "seg-only", "ae", "denoise-only")
-CHOICES = {"ablation": ABLATIONS, "pixel_range": ("0,1", "-1,1"), "lr_schedule": ("constant", "cosine"),
-           "seg_grad": ("full", "none"), "seg_norm": ("batch", "group"), "anomaly_shape": data.SHAPES}
+CHOICES = {"ablation": ABLATIONS, "pixel_range": ("0,1", "-1,1"), "seg_grad": ("full", "none"),
+           "anomaly_shape": data.SHAPES}
 
 
 def ints(text):
@@ -149,7 +146,7 @@ def check_config(cfg):
                 "eval_batch", "top_k", "ckpt_every")
     problems += [f"--{n.replace('_', '-')} must be >= 1, got {getattr(cfg, n)}" for n in positive if getattr(cfg, n) < 1]
     problems += [f"--{n.replace('_', '-')} must be >= 0, got {getattr(cfg, n)}" for n in
-                 ("max_steps", "crop", "warmup", "bn_recal", "max_minutes", "dropout") if getattr(cfg, n) < 0]
+                 ("max_steps", "crop", "max_minutes", "dropout") if getattr(cfg, n) < 0]
     problems += [f"--{n.replace('_', '-')} must be > 0, got {getattr(cfg, n)}" for n in ("lr", "log_every")
                  if not getattr(cfg, n) > 0]
     if cfg.workers < -1:
@@ -312,17 +309,16 @@ class DenoisingUNet(nn.Module):
 
 # ----------------------------------------------------------------------------- segmentation sub-network
 
-def conv_bn_relu(cin, cout, group_norm=False):
-    bn = nn.GroupNorm(math.gcd(8, cout), cout) if group_norm else nn.BatchNorm2d(cout)
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), bn, nn.ReLU(inplace=True))
+def cbr(cin, cout):
+    """3x3 convolution, BatchNorm, ReLU."""
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
 class SegmentationUNet(nn.Module):
     """DRAEM-style discriminative U-Net: cat(x0, x0_hat) (B,6,H,W) -> mask logits (B,1,H,W)."""
-    def __init__(self, in_ch, base, depth=6, group_norm=False):
+    def __init__(self, in_ch, base, depth=6):
         super().__init__()
         w = [base * min(2 ** i, 8) for i in range(depth)]  # 64, 128, 256, 512, 512, 512 at base 64
-        cbr = lambda cin, cout: conv_bn_relu(cin, cout, group_norm)
         self.enc = nn.ModuleList(nn.Sequential(cbr(in_ch if i == 0 else w[i - 1], w[i]), cbr(w[i], w[i]))
                                  for i in range(depth))
         self.up = nn.ModuleList(nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
@@ -357,8 +353,7 @@ class DiffusionAD(nn.Module):
         self.pixel_range = (to_model(0.0, cfg), to_model(1.0, cfg))  # the image range the networks see
         self.denoiser = DenoisingUNet(cfg) if cfg.ablation != "seg-only" else None
         seg_in = 3 if cfg.ablation == "seg-only" else 6
-        self.seg = (SegmentationUNet(seg_in, cfg.seg_channels, group_norm=cfg.seg_norm == "group")
-                    if cfg.ablation != "denoise-only" else None)
+        self.seg = SegmentationUNet(seg_in, cfg.seg_channels) if cfg.ablation != "denoise-only" else None
         sqrt_ab, sqrt_1mab = make_schedule(cfg)
         self.register_buffer("sqrt_ab", sqrt_ab, persistent=False)  # derived from cfg, not saved
         self.register_buffer("sqrt_1mab", sqrt_1mab, persistent=False)
@@ -508,7 +503,8 @@ def load_checkpoint(path):
         raise SystemExit(f"{path}: not a DiffusionAD checkpoint (missing keys)")
     for name, neutral in RETIRED.items():  # options of earlier versions: fine when they were off
         if ckpt["config"].get(name, neutral) != neutral:
-            raise SystemExit(f"{path}: trained with --{name} {ckpt['config'][name]}, which this version no longer has")
+            raise SystemExit(f"{path}: trained with --{name.replace('_', '-')} {ckpt['config'][name]}, "
+                             "which this version no longer has")
         ckpt["config"].pop(name, None)
     unknown = set(ckpt["config"]) - {f.name for f in fields(Config)}
     if unknown:
@@ -641,15 +637,6 @@ def sync_batch_norm(net):
 
 
 # ----------------------------------------------------------------------------- Alg. 1: training
-
-def lr_at(step, cfg, total):
-    """The learning rate of 0-based `step`: constant (paper), or linear warm-up then cosine decay to 0 (ours)."""
-    if cfg.lr_schedule == "constant":
-        return cfg.lr
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / max(total - cfg.warmup, 1)))
-
 
 def training_batch(batch, cfg, device):
     """A DataLoader batch of TrainSet items -> x0 (B,3,H,W) normal then synthetic, mask (B,1,H,W)."""
@@ -798,13 +785,10 @@ def train(cfg, resume=False):
                 loss = fwd(x0, mask, per_batch, g)  # Alg. 1
             opt.zero_grad(set_to_none=True)
             loss["total"].backward()
-            lr = lr_at(step, cfg, total)
-            for group in opt.param_groups:
-                group["lr"] = lr
             opt.step()
             step += 1
             now = time.time()
-            pending.append((step, torch.stack([loss[k].detach() for k in keys]), lr, seconds0 + now - t_start))
+            pending.append((step, torch.stack([loss[k].detach() for k in keys]), cfg.lr, seconds0 + now - t_start))
             if cfg.max_minutes and seconds0 + now - t_start >= 60 * cfg.max_minutes:
                 stop["time"] = True
             if world > 1 and (step % 10 == 0 or step == total):  # every rank stops at the same step, alike
@@ -854,11 +838,6 @@ def train(cfg, resume=False):
     print(f"trained {step - step0} steps in {fmt_time(train_seconds)}"
           + (f" (--max-minutes {cfg.max_minutes} reached at step {step}/{total})" if ended == "time" else "")
           + "; evaluating the final model on the test split")
-    if cfg.bn_recal:  # saved in the checkpoint, so that eval and predict use the same statistics
-        recalibrate_bn(model, cfg, trainset, device, cfg.bn_recal)
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        state["seg"] = model.seg.state_dict()
-        atomic_save(state, ckpt_path)
     res = evaluate_model(model, cfg, cfg.data, ints(cfg.eval_t), device, test=splits["test"])
     res.update(train_seconds=round(train_seconds, 1), steps=step)
     write_metrics(run / "metrics.json", res, cfg)
@@ -1215,6 +1194,7 @@ def config_from(a):
     preset = dict(CPU_PRESET) if a.preset == "cpu" else {}
     if preset and given.get("img_size", 64) != 64:  # the same 16-px bottom level at any size: attention stays cheap
         preset["channel_mult"] = {128: "1,2,2,4", 256: "1,2,2,4,4", 512: "1,2,2,4,4,4"}.get(given["img_size"], "")
+        preset["eval_batch"] = 4  # at 256 px a batch of 16 ran at half the speed of 4, with 1.6x the memory (README)
     return Config(**{**preset, **given})
 
 

@@ -44,7 +44,7 @@ def main():
     ap.add_argument("--batches", type=int, default=20)
     a = ap.parse_args()
     state, cfg = D.load_checkpoint(a.ckpt)
-    model = D.build_model(cfg, state, use_ema=cfg.ema > 0)
+    model = D.build_model(cfg, state)
     trainset = D.make_trainset(cfg)
     ts = D.ints(cfg.eval_t)
     epoch = 10 ** 6 + 1  # neither training nor recalibrate_bn uses this epoch

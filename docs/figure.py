@@ -4,6 +4,7 @@ python docs/figure.py docs/results.png runs/mt-full/eval_ckpt_magnetic_tile_t100
 (each argument: a folder of panels written by `eval --save-maps`). Per folder: one image of each defect
 type (at most 5; three for a single type) and one good image, in file-name order (no picking).
 """
+import re
 import sys
 from pathlib import Path
 
@@ -31,7 +32,9 @@ def main(out, runs):
             im = im.resize((im.width * H // im.height, H), Image.NEAREST)
             row = Image.new("RGB", (im.width + LABEL, H), "white")
             row.paste(im, (LABEL, 0))
-            ImageDraw.Draw(row).text((4, H // 2 - 6), f"{Path(run).parent.name}: {f.stem}"[:27], fill="black")
+            step = re.match(r"eval_ckpt_(\d+)_", Path(run).name)  # panels of a kept checkpoint: say which
+            name = Path(run).parent.name + (f"@{step[1]}" if step else "")
+            ImageDraw.Draw(row).text((4, H // 2 - 6), f"{name}: {f.stem}"[:27], fill="black")
             rows.append(row)
     fig = Image.new("RGB", (max(r.width for r in rows), H * len(rows) + 16), "white")
     ImageDraw.Draw(fig).text((LABEL + 4, 2), "input | restoration (first t) | anomaly map | ground truth", fill="black")

@@ -1030,6 +1030,10 @@ def predict_cmd(a):
         raise SystemExit(str(e))
     model, cfg, device, path, _ = open_run(a)
     out = Path(a.out) if a.out else path.parent / f"predictions-{time.strftime('%Y%m%d-%H%M%S')}"
+    for k in range(2, 1000):  # the default folder is new even for two predictions within one second
+        if a.out or not out.exists():
+            break
+        out = out.with_name(f"{out.name.split('_')[0]}_{k}")
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"--out {out} is not empty: pass a new folder, so that no earlier result is overwritten")
     if a.csv and Path(a.csv).exists():

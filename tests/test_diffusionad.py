@@ -578,6 +578,9 @@ def test_predict_skips_unreadable_files_and_never_overwrites(tmp_path, capsys):
         D.main(["predict", "--ckpt", str(run / "ckpt.pt"), str(folder / "0.png"), "--out", str(out)])
     with pytest.raises(SystemExit, match="exists: pass a new file name"):
         D.main(["predict", "--ckpt", str(run / "ckpt.pt"), str(folder / "0.png"), "--csv", str(tmp_path / "s.csv")])
+    D.main(["predict", "--ckpt", str(run / "ckpt.pt"), str(folder / "0.png")])  # twice within a second:
+    D.main(["predict", "--ckpt", str(run / "ckpt.pt"), str(folder / "0.png")])  # each in a new folder
+    assert len(list(run.glob("predictions-*"))) >= 3
 
 
 # ---------------------------------------------------------------- whole benchmarks and torchrun

@@ -1029,11 +1029,11 @@ def predict_cmd(a):
     except FileNotFoundError as e:
         raise SystemExit(str(e))
     model, cfg, device, path, _ = open_run(a)
-    out = Path(a.out) if a.out else path.parent / f"predictions-{time.strftime('%Y%m%d-%H%M%S')}"
-    for k in range(2, 1000):  # the default folder is new even for two predictions within one second
-        if a.out or not out.exists():
-            break
-        out = out.with_name(f"{out.name.split('_')[0]}_{k}")
+    stamp = path.parent / f"predictions-{time.strftime('%Y%m%d-%H%M%S')}"
+    out, k = Path(a.out) if a.out else stamp, 1
+    while not a.out and out.exists():  # a new default folder, even for two predictions within one second
+        k += 1
+        out = stamp.with_name(f"{stamp.name}_{k}")
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"--out {out} is not empty: pass a new folder, so that no earlier result is overwritten")
     if a.csv and Path(a.csv).exists():

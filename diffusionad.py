@@ -746,15 +746,15 @@ def train(cfg, resume=False):
     keys = [k for k in ("total", "noise", "rec", "mask") if k == "total" or
             (k == "noise" and model.denoiser is not None and cfg.ablation != "ae") or
             (k == "rec" and cfg.ablation == "ae") or (k == "mask" and model.seg is not None)]
-    pending = []  # (step, losses as a device tensor, lr, seconds): read back in bulk, no sync per step
+    pending = []  # (step, losses as a device tensor, seconds): read back in bulk, no sync per step
     saved_step = step if ckpt is not None else None  # the step of the checkpoint on disk
 
     def flush():
         """Copy the pending losses to the host (one sync), stop on a non-finite one, append them to log.csv."""
         if not pending:
             return None
-        values = torch.stack([v for _, v, _, _ in pending]).float().cpu()
-        for (s, _, lr, sec), v in zip(pending, values.tolist()):
+        values = torch.stack([v for _, v, _ in pending]).float().cpu()
+        for (s, _, sec), v in zip(pending, values.tolist()):
             if not math.isfinite(v[0]):
                 where = (f"the last good checkpoint (step {saved_step}) is kept at {ckpt_path}" if saved_step is not None
                          else "no checkpoint was written yet")
@@ -762,7 +762,7 @@ def train(cfg, resume=False):
             if writer is not None:
                 row = dict(zip(keys, v))
                 writer.writerow([s] + [f"{row[k]:.6f}" if k in row else "" for k in ("total", "noise", "rec", "mask")]
-                                + [lr, f"{sec:.2f}"])
+                                + [cfg.lr, f"{sec:.2f}"])
         pending.clear()
         return dict(zip(keys, values[-1].tolist()))
 
@@ -788,7 +788,7 @@ def train(cfg, resume=False):
             opt.step()
             step += 1
             now = time.time()
-            pending.append((step, torch.stack([loss[k].detach() for k in keys]), cfg.lr, seconds0 + now - t_start))
+            pending.append((step, torch.stack([loss[k].detach() for k in keys]), seconds0 + now - t_start))
             if cfg.max_minutes and seconds0 + now - t_start >= 60 * cfg.max_minutes:
                 stop["time"] = True
             if world > 1 and (step % 10 == 0 or step == total):  # every rank stops at the same step, alike

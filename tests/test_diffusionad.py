@@ -80,6 +80,8 @@ def test_cpu_preset_keeps_a_16_px_bottom_level_at_any_size():
     assert parse("--preset", "cpu").eval_batch == 16 and parse("--preset", "cpu", "--img-size", "256").eval_batch == 4
     assert parse("--preset", "cpu", "--img-size", "256", "--channel-mult", "1,2,4").channel_mult == "1,2,4"
     assert parse("--img-size", "256").channel_mult == ""  # the paper's: by size, in channel_mult()
+    assert parse("--preset", "cpu").lr_schedule == "cosine" and parse().lr_schedule == "constant"  # paper: constant
+    assert parse("--preset", "cpu", "--lr-schedule", "constant").lr_schedule == "constant"
 
 
 def argparse_train(flags):
@@ -275,14 +277,24 @@ def test_resume_continues_the_same_trajectory(tmp_path):
     assert steps == ["1", "2", "3", "4", "5"]
 
 
-def test_a_run_ended_by_max_minutes_resumes_exactly(tmp_path):
-    flags = tiny_flags(data="synthetic", ckpt_every=3)
+def test_cosine_schedule_decays_to_zero_and_constant_is_the_papers():
+    lrs = [D.lr_at(s, tiny(lr=1e-3, lr_schedule="cosine"), 100) for s in range(100)]
+    assert lrs[0] == 1e-3 and lrs[50] == pytest.approx(5e-4) and 0 < lrs[-1] < 1e-6
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert D.lr_at(99, tiny(lr=1e-3), 100) == 1e-3
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_a_run_ended_by_max_minutes_resumes_exactly(tmp_path, schedule):
+    flags = tiny_flags(data="synthetic", ckpt_every=3, lr_schedule=schedule)
     D.main(["train", *flags, "--max-steps", "6", "--out", str(tmp_path / "a")])
     D.main(["train", *flags, "--max-steps", "6", "--max-minutes", "1e-9", "--out", str(tmp_path / "b")])
     D.main(["train", *flags, "--max-steps", "6", "--out", str(tmp_path / "b"), "--resume"])
     a, b = (torch.load(tmp_path / r / "ckpt.pt", weights_only=True) for r in "ab")
     for k in a["denoiser"]:
         assert torch.equal(a["denoiser"][k], b["denoiser"][k]), k
+    logged = [r.split(",")[5] for r in (tmp_path / "b" / "log.csv").read_text().splitlines()[1:]]
+    assert logged == [f"{D.lr_at(s, tiny(lr_schedule=schedule), 6):.6g}" for s in range(6)]
 
 
 def test_max_minutes_ends_with_a_checkpoint_and_the_final_evaluation(tmp_path, capsys):
@@ -710,3 +722,17 @@ def test_torchrun_spreads_the_classes_of_a_benchmark(tmp_path):
         assert m["steps"] == 1 and m["config"]["data"] == str(root / name)
     rows = (tmp_path / "runs/mvtec/table.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows] == ["Class", "a1", "b2", "c3", "mean"]  # the last one wrote it all
+
+
+def test_diagnostic_scripts_run_on_a_trained_model(tmp_path):
+    run = D.train(tiny(data="synthetic", img_size=64, crop=32, attn_resolutions="", max_steps=2, out=str(tmp_path / "r")))
+    ckpt = str(run / "ckpt.pt")
+    out = subprocess.run([sys.executable, str(ROOT / "docs" / "train_check.py"), ckpt, "--n", "3"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "3 training images, whole: mean score" in out and "32-px crops" in out
+    assert out.count("mean(x0_hat - x0) per channel") == 2  # t = 100 and 200
+    out = subprocess.run([sys.executable, str(ROOT / "docs" / "uses_restoration.py"), ckpt],
+                         capture_output=True, text=True, check=True).stdout
+    lines = [line for line in out.splitlines() if "image AUROC" in line]
+    assert [line.split(ckpt)[1].split("image")[0].strip() for line in lines] == \
+        ["as trained", "x0_hat := x0", "x0_hat := mean grey"]

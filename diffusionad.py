@@ -121,8 +121,7 @@ FREE_FIELDS = ("out", "classes", "epochs", "max_steps", "max_minutes", "eval_t",
 RETIRED = {"ema": 0.0, "bn_recal": 0, "warmup": 0, "seg_norm": "batch"}
 ABLATIONS = ("none", "seg-only", "ae", "denoise-only")
 CHOICES = {"ablation": ABLATIONS, "pixel_range": ("0,1", "-1,1"), "seg_grad": ("full", "none"),
-           "lr_schedule": ("constant", "cosine"),
-           "anomaly_shape": data.SHAPES}
+           "lr_schedule": ("constant", "cosine"), "anomaly_shape": data.SHAPES}
 
 
 def ints(text):

@@ -34,9 +34,9 @@ def main(path, data_path=None):
     for name, fn in replace.items():
         model.restore = lambda x0, t, eps, fn=fn: (fn(x0, trained(x0, t, eps)[0]), None)
         maps, scores, _, _ = D.run_inference(model, images, cfg, ts, torch.device("cpu"), cfg.seed)
-        print(f"{path}  {name:20s} image AUROC {100 * metrics.image_auroc(labels, scores):5.1f}  "
-              f"pixel AUROC {100 * metrics.pixel_auroc(masks, list(maps)):5.1f}  "
-              f"PRO {100 * metrics.pro(masks, list(maps)):5.1f}", flush=True)
+        m = metrics.evaluate(list(maps), masks, labels, scores)  # one pass over the pixels
+        print(f"{path}  {name:20s} image AUROC {100 * m['image_auroc']:5.1f}  "
+              f"pixel AUROC {100 * m['pixel_auroc']:5.1f}  PRO {100 * m['pixel_pro']:5.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,8 @@ OBJECT_CLASSES = {"bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill",
                   "macaroni1", "macaroni2", "pcb1", "pcb2", "pcb3", "pcb4", "pipe_fryum"}
 FOREGROUNDS = ("auto", "mask", "texture", "object", "none")
 BETA_RANGE = (0.0, 0.8)
-SHAPES = ("perlin", "curves", "mixed")
+SHAPES = ("perlin", "curves", "mixed", "small")
+FILLS = ("blend", "invert")
 PERLIN_THRESHOLD = 0.5
 
 
@@ -398,6 +399,44 @@ def open_layout(root: Path) -> str | None:
     return None
 
 
+class Part(Dataset):
+    """The items ``indices`` of a dataset, with its attributes (name, layout, foreground...)."""
+
+    def __init__(self, ds, indices):
+        self.ds, self.indices = ds, [int(i) for i in indices]
+        if hasattr(ds, "records"):
+            self.records = [ds.records[i] for i in self.indices]
+
+    def __getattr__(self, name):
+        if name in ("ds", "indices"):
+            raise AttributeError(name)
+        return getattr(self.ds, name)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.ds[self.indices[i]]
+
+    def foreground_mask(self, i):
+        return self.ds.foreground_mask(self.indices[i])
+
+
+def holdout_split(ds, fraction: float, minimum: int = 5):
+    """(training part, held-out part) of a train split: ceil(fraction * n) images, at least ``minimum``,
+    chosen by a permutation with a fixed seed (the same for every run and seed), kept out of training to
+    set the decision threshold. fraction 0: (ds, None)."""
+    if fraction <= 0:
+        return ds, None
+    n = len(ds)
+    k = max(math.ceil(fraction * n), minimum)
+    if n - k < 2:
+        raise ValueError(f"{n} normal training images are too few to hold out {k} for the threshold; "
+                         "add images or pass --holdout 0 (then no threshold is stored)")
+    held = set(np.random.default_rng(0).permutation(n)[:k].tolist())
+    return Part(ds, [i for i in range(n) if i not in held]), Part(ds, sorted(held))
+
+
 # ----------------------------------------------------------------------------- synthesizer
 def perlin(shape, res, rng, angle=0.0) -> np.ndarray:
     """Gradient (Perlin) noise with res = (ry, rx) cells across the image, rotated by angle; about +-1."""
@@ -479,13 +518,14 @@ def shuffle_tiles(x, rng, grid=8) -> np.ndarray:
     return out
 
 
-def curves_mask(H, W, rng) -> np.ndarray:
+def curves_mask(H, W, rng, lengths=(0.08, 0.3), count=(1, 4)) -> np.ndarray:
     """1-3 thin curved strokes (quadratic Bezier curves 8-30 % of the image long, 1 or 3 px wide at 256 px):
-    scratch-like anomaly masks (ours; an option, the paper's masks are Perlin blobs)."""
+    scratch-like anomaly masks (ours; an option, the paper's masks are Perlin blobs). lengths: the range of
+    a stroke's length as a fraction of the image side; count: the range of the number of strokes."""
     M, side = np.zeros((H, W), bool), min(H, W)
-    for _ in range(int(rng.integers(1, 4))):
+    for _ in range(int(rng.integers(*count))):
         p0 = rng.uniform(0, 1, 2) * (H, W)
-        length, angle = rng.uniform(0.08, 0.3) * side, rng.uniform(0, np.pi)
+        length, angle = rng.uniform(*lengths) * side, rng.uniform(0, np.pi)
         d = np.array([np.sin(angle), np.cos(angle)]) * length
         p1 = p0 + d / 2 + rng.normal(0, 0.25) * np.array([d[1], -d[0]])   # the bend, across the stroke
         t = np.linspace(0, 1, int(3 * length) + 2)[:, None]
@@ -496,11 +536,34 @@ def curves_mask(H, W, rng) -> np.ndarray:
     return ndimage.binary_dilation(M, ndimage.iterate_structure(ndimage.generate_binary_structure(2, 1), r)) if r else M
 
 
+def small_mask(H, W, rng) -> np.ndarray:
+    """1-4 small marks, each a spot (an ellipse with axes 2-6 x 2-12 px) or a short stroke (4-18 px long,
+    1 or 3 px wide), sizes at 256 px and scaled with the image side (ours; an option). Sized like printed
+    circuit board defects: on DeepPCB a defect region measures a median 2.4 x 8.4 px at 256 px (5-95 %:
+    1-5 px thick, 4-17 px long), smaller than most Perlin blobs and curves."""
+    M, s = np.zeros((H, W), bool), min(H, W) / 256
+    for _ in range(int(rng.integers(1, 5))):
+        if rng.random() < 0.5:                                  # a spot: pin hole, spurious copper, bite
+            cy, cx = rng.uniform(0, 1, 2) * (H, W)
+            a, b, angle = rng.uniform(1, 3) * s, rng.uniform(1, 6) * s, rng.uniform(0, np.pi)
+            r = int(math.ceil(max(a, b))) + 1
+            y, x = np.mgrid[max(int(cy) - r, 0):min(int(cy) + r + 1, H), max(int(cx) - r, 0):min(int(cx) + r + 1, W)]
+            u = (y - cy) * math.cos(angle) + (x - cx) * math.sin(angle)
+            v = (x - cx) * math.cos(angle) - (y - cy) * math.sin(angle)
+            M[y, x] |= (u / a) ** 2 + (v / b) ** 2 <= 1
+            M[min(int(cy), H - 1), min(int(cx), W - 1)] = True  # never empty
+        else:                                                   # a stroke: short, open, spur
+            M |= curves_mask(H, W, rng, lengths=(4 / 256, 18 / 256), count=(1, 2))
+    return M
+
+
 def synthesize(image, fg_mask, rng, texture=None, beta_range=BETA_RANGE, threshold=PERLIN_THRESHOLD,
-               details=False, shape="perlin"):
+               details=False, shape="perlin", fill="blend"):
     """Eq. (9) on one normal image (HxWx3 float in [0, 1]) -> (S, M) float32 (M is HxW of 0/1).
     fg_mask: HxW bool or None (whole image). details=True returns (S, M, A, beta). shape: the mask M,
-    "perlin" (paper), "curves" (curves_mask) or "mixed" (either, with equal chance)."""
+    "perlin" (paper), "curves" (curves_mask), "mixed" (either, with equal chance) or "small" (small_mask).
+    fill: "blend" (Eq. 9, paper) or "invert": S = 1 - N inside M (A = 1 - N, beta = 0, no tiles; ours, for
+    binarised images such as PCB scans, where a defect is the other material, never a grey blend)."""
     N = np.asarray(image, np.float32)
     H, W = N.shape[:2]
     F = np.ones((H, W), bool) if fg_mask is None else np.asarray(fg_mask, bool)
@@ -508,8 +571,17 @@ def synthesize(image, fg_mask, rng, texture=None, beta_range=BETA_RANGE, thresho
         raise ValueError("synthesize: empty foreground mask")
     if shape not in SHAPES:
         raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
+    if fill not in FILLS:
+        raise ValueError(f"fill must be one of {FILLS}, got {fill!r}")
     M = None
-    if shape == "curves" or (shape == "mixed" and rng.random() < 0.5):
+    if shape == "small":
+        for _ in range(10):
+            M = small_mask(H, W, rng) & F
+            if M.any():
+                break
+        else:
+            M = None                                            # none landed on the foreground: Perlin
+    elif shape == "curves" or (shape == "mixed" and rng.random() < 0.5):
         for _ in range(10):
             M = curves_mask(H, W, rng) & F
             if M.any():
@@ -526,8 +598,11 @@ def synthesize(image, fg_mask, rng, texture=None, beta_range=BETA_RANGE, thresho
                 break
         else:
             M = F & (noise >= np.quantile(noise[F], 0.9))
-    A = shuffle_tiles(augment(N if texture is None else np.asarray(texture, np.float32), rng), rng)
-    beta = float(rng.uniform(*beta_range))
+    if fill == "invert":
+        A, beta = 1 - N, 0.0
+    else:
+        A = shuffle_tiles(augment(N if texture is None else np.asarray(texture, np.float32), rng), rng)
+        beta = float(rng.uniform(*beta_range))
     m = M[..., None].astype(np.float32)
     S = (beta * (m * N) + (1 - beta) * (m * A) + (1 - m) * N).astype(np.float32)   # Eq. (9)
     return (S, M.astype(np.float32), A, beta) if details else (S, M.astype(np.float32))
@@ -562,13 +637,16 @@ class TrainSet(Dataset):
     optional folder (searched recursively) of anomaly source textures, e.g. DTD. Call set_epoch(e)."""
 
     def __init__(self, normal, seed=0, texture_dir=None, foreground="auto", beta_range=BETA_RANGE,
-                 threshold=PERLIN_THRESHOLD, shape="perlin"):
+                 threshold=PERLIN_THRESHOLD, shape="perlin", fill="blend"):
         if foreground not in FOREGROUNDS:
             raise ValueError(f"foreground must be one of {FOREGROUNDS}, got {foreground!r}")
         self.normal, self.seed, self.epoch = normal, int(seed), 0
         if shape not in SHAPES:
             raise ValueError(f"anomaly shape must be one of {SHAPES}, got {shape!r}")
-        self.beta_range, self.threshold, self.shape, self._warned = tuple(beta_range), threshold, shape, False
+        if fill not in FILLS:
+            raise ValueError(f"anomaly fill must be one of {FILLS}, got {fill!r}")
+        self.beta_range, self.threshold, self.shape, self.fill = tuple(beta_range), threshold, shape, fill
+        self._warned = False
         self.textures = []
         if texture_dir is not None:
             if not Path(texture_dir).is_dir():
@@ -625,7 +703,8 @@ class TrainSet(Dataset):
         N = item["image"].numpy().transpose(1, 2, 0)
         F = self._fg(i, N, rng)
         tex = _rgb(_open(self.textures[rng.integers(len(self.textures))]), N.shape[0]) if self.textures else None
-        S, M, A, beta = synthesize(N, F, rng, tex, self.beta_range, self.threshold, details=True, shape=self.shape)
+        S, M, A, beta = synthesize(N, F, rng, tex, self.beta_range, self.threshold, details=True, shape=self.shape,
+                                   fill=self.fill)
         return {"image": N, "anomaly": A, "foreground": F, "mask": M, "synthetic": S, "beta": beta,
                 "path": item["path"]}
 
@@ -811,6 +890,7 @@ def main(argv=None):
     p.add_argument("--texture-dir", default=None, help="anomaly source textures (e.g. DTD)")
     p.add_argument("--foreground", default="auto", choices=FOREGROUNDS)
     p.add_argument("--shape", default="perlin", choices=SHAPES, help="anomaly masks (synthesize)")
+    p.add_argument("--fill", default="blend", choices=FILLS, help="anomaly content (synthesize)")
     r = sub.add_parser("resize", help="copy a class folder (MVTec AD, VisA 1cls or DAGM layout) at the size the "
                        "loader would resize it to: images bilinear, masks as defect_mask, the rest as it is")
     r.add_argument("--data", required=True, help="ROOT/CLASS")
@@ -821,7 +901,7 @@ def main(argv=None):
         return resize_tree(args.data, args.out, args.img_size)
     try:
         ts = TrainSet(open_dataset(args.data, "train", args.img_size), seed=args.seed,
-                      texture_dir=args.texture_dir, foreground=args.foreground, shape=args.shape)
+                      texture_dir=args.texture_dir, foreground=args.foreground, shape=args.shape, fill=args.fill)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"data.py preview: {e}")
     idx = np.random.default_rng(args.seed).choice(len(ts), min(args.n, len(ts)), replace=False)

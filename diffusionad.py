@@ -70,7 +70,9 @@ class Config:
     foreground: str = arg("auto", "synthesis foreground: auto|object|texture|none (data.py, Sec. 3.3)")
     texture_dir: str = arg("", "anomaly source textures such as DTD; empty = self-augmentation (Sec. 3.3)")
     anomaly_shape: str = arg("perlin", "synthetic anomaly masks: perlin (paper) | curves (thin scratch-like "
-                             "strokes) | mixed (half each) (ours; data.curves_mask)")
+                             "strokes) | mixed (half each) | small (PCB-sized spots and strokes) (ours; data.py)")
+    anomaly_fill: str = arg("blend", "synthetic anomaly content: blend (Eq. 9, paper) | invert (1 - N inside the mask: "
+                            "the other material of a binarised image such as a PCB scan; ours)")
     timesteps: int = arg(1000, "T, Sec. 4.2")
     train_t: int = arg(0, "Alg. 1 draws t ~ U{1..train_t}; 0 = T (paper; the authors' later code: < 300)")
     beta_start: float = arg(1e-4, "linear schedule start, DDPM / authors' code (paper text: 1e-2)")
@@ -89,6 +91,9 @@ class Config:
     lr_schedule: str = arg("constant", "constant (paper) | cosine: decay to 0 at the last step of "
                              "max_steps/epochs (ours; a resume with more steps stretches the decay)")
     seg_grad: str = arg("full", "the mask loss's gradient into the denoiser through Eq. 5: full (paper) | none (ours)")
+    denoiser_warmup: int = arg(0, "the first N steps train the denoiser alone (L_noise), then Eq. 8's joint loss (ours)")
+    holdout: float = arg(0.1, "fraction of the normal training images kept out of training to set the decision "
+                         "threshold (ours); 0 = train on all of them (paper), no threshold")
     epochs: int = arg(500, "training epochs, Sec. 4.2")
     max_steps: int = arg(0, "if > 0, train this many steps instead of `epochs` (ours, for CPU budgets)")
     eval_t: str = arg("100,200", "inference time steps whose maps are averaged, Sec. 4.2 / Table 4")
@@ -121,7 +126,9 @@ FREE_FIELDS = ("out", "classes", "epochs", "max_steps", "max_minutes", "eval_t",
 RETIRED = {"ema": 0.0, "bn_recal": 0, "warmup": 0, "seg_norm": "batch"}
 ABLATIONS = ("none", "seg-only", "ae", "denoise-only")
 CHOICES = {"ablation": ABLATIONS, "pixel_range": ("0,1", "-1,1"), "seg_grad": ("full", "none"),
-           "lr_schedule": ("constant", "cosine"), "anomaly_shape": data.SHAPES}
+           "lr_schedule": ("constant", "cosine"), "anomaly_shape": data.SHAPES, "anomaly_fill": data.FILLS}
+# Fields added after checkpoints were written, with the value those checkpoints were trained with.
+LEGACY = {"holdout": 0.0}
 
 
 def ints(text):
@@ -152,7 +159,11 @@ def check_config(cfg):
                 "eval_batch", "top_k", "ckpt_every")
     problems += [f"--{n.replace('_', '-')} must be >= 1, got {getattr(cfg, n)}" for n in positive if getattr(cfg, n) < 1]
     problems += [f"--{n.replace('_', '-')} must be >= 0, got {getattr(cfg, n)}" for n in
-                 ("max_steps", "crop", "max_minutes", "dropout") if getattr(cfg, n) < 0]
+                 ("max_steps", "crop", "max_minutes", "dropout", "denoiser_warmup") if getattr(cfg, n) < 0]
+    if not 0 <= cfg.holdout < 1:
+        problems.append(f"--holdout must be in [0, 1), got {cfg.holdout}")
+    if cfg.denoiser_warmup and cfg.ablation not in ("none", "ae"):
+        problems.append(f"--denoiser-warmup needs both networks; --ablation {cfg.ablation} has one")
     problems += [f"--{n.replace('_', '-')} must be > 0, got {getattr(cfg, n)}" for n in ("lr", "log_every")
                  if not getattr(cfg, n) > 0]
     if cfg.workers < -1:
@@ -383,8 +394,9 @@ class DiffusionAD(nn.Module):
         """Mask logits (B,1,H,W) from cat(x0, x0_hat); the seg-only ablation sees x0 alone."""
         return self.seg(x0 if self.ablation == "seg-only" else torch.cat([x0, x0_hat], dim=1))
 
-    def losses(self, x0, mask, n_normal, generator):
-        """Alg. 1 on one batch. x0 (B,3,H,W): n_normal normal images first, then synthetic; mask (B,1,H,W)."""
+    def losses(self, x0, mask, n_normal, generator, joint=True):
+        """Alg. 1 on one batch. x0 (B,3,H,W): n_normal normal images first, then synthetic; mask (B,1,H,W).
+        joint=False: L_noise alone (ours: --denoiser-warmup)."""
         B, T = x0.shape[0], self.cfg.train_t or self.cfg.timesteps
         t = torch.randint(1, T + 1, (B,), generator=generator).to(x0.device)  # Alg. 1: t ~ U{1..T}
         eps = torch.randn(x0.shape, generator=generator).to(x0.device)  # Alg. 1: eps ~ N(0, I)
@@ -395,7 +407,7 @@ class DiffusionAD(nn.Module):
                 out["rec"] = F.mse_loss(x0_hat, x0[:n_normal].repeat(B // n_normal, 1, 1, 1))
             else:
                 out["noise"] = F.mse_loss(eps_hat[:n_normal], eps[:n_normal])  # Eq. (6), normal half
-        if self.seg is not None:
+        if self.seg is not None and joint:
             if x0_hat is not None and self.cfg.seg_grad == "none":  # ours: no mask-loss gradient into the denoiser
                 x0_hat = x0_hat.detach()
             logits = self.segment(x0, x0_hat)  # Alg. 1: M_hat = seg(cat(x0, x0_hat))
@@ -404,9 +416,9 @@ class DiffusionAD(nn.Module):
         out["total"] = sum(out.values())  # Eq. (8)
         return out
 
-    def forward(self, x0, mask, n_normal, generator):
+    def forward(self, x0, mask, n_normal, generator, joint=True):
         """Calling the model is Alg. 1 (so that DistributedDataParallel can wrap it)."""
-        return self.losses(x0, mask, n_normal, generator)
+        return self.losses(x0, mask, n_normal, generator, joint)
 
     def anomaly_maps(self, x0, ts, noise):
         """Alg. 2 for a batch x0 (B,3,H,W) at all time steps ts at once.
@@ -426,9 +438,11 @@ class DiffusionAD(nn.Module):
         else:
             maps = torch.sigmoid(self.segment(x0k, x0_hat))[:, 0]  # Alg. 2: M_hat, (K*B,H,W)
         maps = maps.float().view(K, B, *maps.shape[1:]).mean(0)  # Alg. 2: average over time steps
-        k = min(self.cfg.top_k, maps[0].numel())
-        scores = maps.flatten(1).topk(k, dim=1).values.mean(1)  # Alg. 2: mean of the top-K pixels
-        return maps, scores, x0_hat
+        return maps, self.image_score(maps), x0_hat
+
+    def image_score(self, maps):
+        """Alg. 2: an image's score is the mean of its top-K map values. maps (B,H,W) -> (B,)."""
+        return maps.flatten(1).topk(min(self.cfg.top_k, maps[0].numel()), dim=1).values.mean(1)
 
 
 # ----------------------------------------------------------------------------- runs, checkpoints, devices
@@ -512,6 +526,8 @@ def load_checkpoint(path):
             raise SystemExit(f"{path}: trained with --{name.replace('_', '-')} {ckpt['config'][name]}, "
                              "which this version no longer has")
         ckpt["config"].pop(name, None)
+    for name, value in LEGACY.items():
+        ckpt["config"].setdefault(name, value)
     unknown = set(ckpt["config"]) - {f.name for f in fields(Config)}
     if unknown:
         raise SystemExit(f"{path}: checkpoint config has unknown fields {sorted(unknown)} (a newer version?)")
@@ -599,7 +615,7 @@ def preflight(cfg):
 def make_trainset(cfg, normal=None):
     try:
         return data.TrainSet(normal or open_split(cfg, "train"), seed=cfg.seed, texture_dir=cfg.texture_dir or None,
-                             foreground=cfg.foreground, shape=cfg.anomaly_shape)
+                             foreground=cfg.foreground, shape=cfg.anomaly_shape, fill=cfg.anomaly_fill)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"{e}")
 
@@ -716,7 +732,11 @@ def train(cfg, resume=False):
             raise SystemExit(f"{run}: cannot write the run folder ({e.strerror}); pass a writable --out")
 
     torch.manual_seed(cfg.seed)  # weights (and dropout)
-    trainset = make_trainset(cfg, splits["train"])
+    try:
+        normal, held_out = data.holdout_split(splits["train"], cfg.holdout)
+    except ValueError as e:
+        raise SystemExit(f"{cfg.data}: {e}")
+    trainset = make_trainset(cfg, normal)
     per_batch = cfg.batch_size // 2  # items per rank and step; each gives one normal and one synthetic image
     steps_per_epoch = len(trainset) // (per_batch * world)
     if steps_per_epoch == 0:
@@ -736,7 +756,8 @@ def train(cfg, resume=False):
     if world > 1:
         if model.seg is not None:
             sync_batch_norm(model.seg)
-        fwd = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        fwd = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                  find_unused_parameters=cfg.denoiser_warmup > 0)
     workers = cfg.workers if cfg.workers >= 0 else (min(8, (os.cpu_count() or 2) - 1) if device.type == "cuda" else 0)
     loader = torch.utils.data.DataLoader(
         trainset, batch_sampler=data.run_batches(len(trainset), per_batch, cfg.seed, step, total, rank, world),
@@ -744,7 +765,8 @@ def train(cfg, resume=False):
         prefetch_factor=4 if workers else None)
     n_params = sum(p.numel() for p in model.parameters())
     if rank == 0:
-        print(f"training {cfg.data} ({len(trainset)} normal images) on {device}: {n_params / 1e6:.1f}M parameters, "
+        print(f"training {cfg.data} ({len(trainset)} normal images"
+              + (f", {len(held_out)} held out for the threshold" if held_out is not None else "") + f") on {device}: {n_params / 1e6:.1f}M parameters, "
               f"{total} steps of {cfg.batch_size} images" + (f" per rank ({world} ranks: global batch "
               f"{cfg.batch_size * world})" if world > 1 else "") + f", {workers} loader workers, run folder {run}")
 
@@ -772,7 +794,8 @@ def train(cfg, resume=False):
                 raise SystemExit(f"loss is {v[0]} at step {s}; stopped, {where}. Try a lower --lr or no --amp")
             if writer is not None:
                 row = dict(zip(keys, v))
-                writer.writerow([s] + [f"{row[k]:.6f}" if k in row else "" for k in ("total", "noise", "rec", "mask")]
+                writer.writerow([s] + [f"{row[k]:.6f}" if math.isfinite(row.get(k, math.nan)) else ""
+                                       for k in ("total", "noise", "rec", "mask")]
                                 + [f"{lr_at(s - 1, cfg, total):.6g}", f"{sec:.2f}"])
         pending.clear()
         return dict(zip(keys, values[-1].tolist()))
@@ -793,7 +816,7 @@ def train(cfg, resume=False):
             if cfg.crop:
                 x0, mask = data.random_crops(x0, mask, cfg.crop, g)
             with autocast(cfg, device):
-                loss = fwd(x0, mask, per_batch, g)  # Alg. 1
+                loss = fwd(x0, mask, per_batch, g, step >= cfg.denoiser_warmup)  # Alg. 1
             opt.zero_grad(set_to_none=True)
             loss["total"].backward()
             for group in opt.param_groups:
@@ -801,7 +824,9 @@ def train(cfg, resume=False):
             opt.step()
             step += 1
             now = time.time()
-            pending.append((step, torch.stack([loss[k].detach() for k in keys]), seconds0 + now - t_start))
+            nan = torch.full((), float("nan"), device=device)  # a loss this step does not have (--denoiser-warmup)
+            pending.append((step, torch.stack([loss[k].detach() if k in loss else nan for k in keys]),
+                            seconds0 + now - t_start))
             if cfg.max_minutes and seconds0 + now - t_start >= 60 * cfg.max_minutes:
                 stop["time"] = True
             if world > 1 and (step % 10 == 0 or step == total):  # every rank stops at the same step, alike
@@ -824,7 +849,7 @@ def train(cfg, resume=False):
                 if rank == 0:
                     log.flush()
                     print(f"step {step}/{total} (epoch {(step - 1) // steps_per_epoch + 1}) | "
-                          + " ".join(f"{k} {v:.4f}" for k, v in last.items())
+                          + " ".join(f"{k} {v:.4f}" for k, v in last.items() if math.isfinite(v))
                           + f" | {rate * cfg.batch_size * world:.1f} img/s | eta {fmt_time((total - step) / max(rate, 1e-9))}",
                           flush=True)
             if halt:
@@ -946,6 +971,18 @@ def run_inference(model, images, cfg, ts, device, seed, keep_restorations=False,
             torch.cat(restored) if keep_restorations else None)
 
 
+def maps_without_restoration(model, images, cfg, device):
+    """The segmentation net's maps (N,H,W) and scores (N,) with x0_hat := x0: what it finds in x0 alone. One
+    segmentation pass, no restoration (the same map at every time step)."""
+    fmt, out = memory_format(cfg, device, inference=True), []
+    with torch.inference_mode(), autocast(cfg, device):
+        for i in range(0, len(images), cfg.eval_batch):
+            x0 = to_model(images[i: i + cfg.eval_batch].to(device), cfg).contiguous(memory_format=fmt)
+            out.append(torch.sigmoid(model.segment(x0, x0))[:, 0].float().cpu())
+    maps = torch.cat(out)
+    return maps.numpy(), model.image_score(maps).numpy()
+
+
 def evaluate_model(model, cfg, data_path, ts, device, maps_dir=None, test=None):
     """Alg. 2 on the whole test split: metrics (metrics.py), FPS, restoration PSNR; panels if maps_dir."""
     test = test or open_split(cfg, "test", data_path)
@@ -967,6 +1004,11 @@ def evaluate_model(model, cfg, data_path, ts, device, maps_dir=None, test=None):
     sync(device)
     fps = len(images) / (time.perf_counter() - t0)
     res = metrics.evaluate(maps, masks, labels, scores, defects=[it["defect"] for it in items])
+    if model.denoiser is not None and model.seg is not None:  # the seg net's reliance on the restoration
+        plain_maps, plain_scores = maps_without_restoration(model, images, cfg, device)
+        plain = metrics.evaluate(plain_maps, masks, labels, plain_scores)
+        res["without_restoration"] = plain
+        res["reliance"] = {k: res[k] - plain[k] for k in ("image_auroc", "pixel_auroc", "pixel_pro")}
     res.update(fps=round(fps, 3), n_test_good=int((labels == 0).sum()), n_test_anomalous=int((labels == 1).sum()),
                eval_t=list(ts), data=str(data_path), device=str(device), regions_kept=kept)
     if model.denoiser is not None and model.ablation != "ae" and (labels == 0).any():  # restoration of good images
@@ -980,6 +1022,9 @@ def evaluate_model(model, cfg, data_path, ts, device, maps_dir=None, test=None):
     print("  " + "  ".join(f"{100 * res[k]:>{len(name)}.1f}" for name, k in cols) + f"  {fps:>5.1f}")
     print(f"  FPS = test images/s through both networks at all time steps incl. the top-{cfg.top_k} score, "
           f"batch {cfg.eval_batch} on {device}, after a warm-up, file reading excluded. F1 = F1-max")
+    if "reliance" in res:
+        print("  reliance on the restoration (drop with x0_hat := x0): " + ", ".join(
+            f"{name} {100 * res['reliance'][k]:+.1f}" for name, k in cols[:3]))
     if "restoration_psnr_good" in res:
         print("  restoration PSNR of the good test images (dB): "
               + ", ".join(f"t={t} {p:.1f}" for t, p in res["restoration_psnr_good"].items()))

@@ -934,12 +934,19 @@ def fmt_time(s):
 
 # ----------------------------------------------------------------------------- Alg. 2: inference and evaluation
 
+def inference_noise(seed, n_steps, size, device="cpu"):
+    """Alg. 2's noise: one draw eps_k ~ N(0, I) of shape (3, size, size) per time step, from the seed on the
+    CPU generator, the same for every image on every device: an image's score does not depend on the batch
+    it is in, and an exported program can hold the noise. (K, 3, size, size)."""
+    return torch.randn((n_steps, 3, size, size), generator=torch.Generator().manual_seed(seed)).to(device)
+
+
 def run_inference(model, images, cfg, ts, device, seed, keep_restorations=False, what="images"):
     """Alg. 2 over images (N,3,H,W) in [0, 1], in batches of cfg.eval_batch (the last one padded, so every
     batch has one shape), all time steps batched. Returns maps (N,H,W) and scores (N,) as numpy, the
     squared error of each restoration (N,K) per time step, and the restorations at ts[0] (N,3,H,W) if asked.
     Prints progress with an ETA every cfg.log_every seconds."""
-    g = torch.Generator(device=device).manual_seed(seed)  # evaluation noise: reproducible
+    eps = inference_noise(seed, len(ts), images.shape[-1], device)  # (K,3,H,W): the same for every image
     fmt, B, N = memory_format(cfg, device, inference=True), cfg.eval_batch, len(images)
     model.eval().to(memory_format=fmt)
     maps_fn = model.anomaly_maps
@@ -955,8 +962,7 @@ def run_inference(model, images, cfg, ts, device, seed, keep_restorations=False,
             x0 = to_model(images[i: i + B].to(device, non_blocking=True), cfg)
             n = len(x0)
             x0 = torch.cat([x0, x0[-1:].expand(B - n, -1, -1, -1)]).contiguous(memory_format=fmt)  # pad to B
-            noise = torch.randn((len(ts) * B, *x0.shape[1:]), generator=g, device=device)
-            m, s, x0_hat = maps_fn(x0, ts, noise)
+            m, s, x0_hat = maps_fn(x0, ts, eps.repeat_interleave(B, dim=0))
             x0_hat = from_model(x0_hat.float(), cfg).view(-1, *x0.shape)[:, :n]  # (K,n,3,H,W) in [0, 1]
             maps.append(m[:n].float().cpu())
             scores.append(s[:n].float().cpu())
@@ -1111,7 +1117,7 @@ def predict_cmd(a):
                 bad.append(str(e))
         if not chunk:
             continue
-        maps, scores, _, _ = run_inference(model, torch.stack(images), cfg, ints(cfg.eval_t), device, cfg.seed + i)
+        maps, scores, _, _ = run_inference(model, torch.stack(images), cfg, ints(cfg.eval_t), device, cfg.seed)
         for f, img, m, s in zip(chunk, images, maps, scores):
             png = out / (f"{f.stem}_map.png" if f.stem not in used else f"{f.parent.name}_{f.stem}_{len(used)}_map.png")
             used.add(f.stem)

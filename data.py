@@ -159,16 +159,26 @@ def check_split(ds) -> list[str]:
     return problems
 
 
-def check_dataset(path, img_size: int, foreground: str = "auto") -> tuple[dict, list[str]]:
+def check_dataset(path, img_size: int, foreground: str = "auto", test=None, test_masks=None) -> tuple[dict, list[str]]:
     """Both splits of a dataset and every problem found in them at once: a layout error (missing folder or
-    mask, empty split...) or a file that check_split finds bad. Returns ({split: dataset}, problems)."""
+    mask, empty split...) or a file that check_split finds bad. test: a labelled test folder (labelled_folder)
+    instead of the dataset's own test split; a plain folder without one has no test split. Returns
+    ({split: dataset}, problems)."""
     splits, problems = {}, []
     for split in ("train", "test"):
         try:
-            splits[split] = open_dataset(path, split, img_size, foreground=foreground)
+            if split == "test" and test:
+                splits[split] = labelled_folder(test, img_size, test_masks)
+            elif split == "test" and getattr(splits.get("train"), "layout", None) == "folder":
+                continue                                # a plain folder of normal images: no test split
+            else:
+                splits[split] = open_dataset(path, split, img_size, foreground=foreground)
             problems += check_split(splits[split])
         except (FileNotFoundError, ValueError) as e:
             problems.append(str(e))
+    if test and Path(path).is_dir() and Path(test).resolve().is_relative_to(Path(path).resolve()):
+        problems.append(f"--test {test} is inside --data {path}: its images would be trained on as normal; "
+                        "move it out of the training folder")
     return splits, list(dict.fromkeys(problems))   # a missing folder fails both splits alike
 
 
@@ -252,7 +262,8 @@ class ImageDataset(Dataset):
                 warnings.warn(f"mask {mpath} is {m.size[0]}x{m.size[1]} but its image {path} is "
                               f"{im.size[0]}x{im.size[1]}; resizing (warned once per dataset)", stacklevel=2)
             mask, kept = defect_mask(m, self.img_size)
-        return {**_item(_rgb(im, self.img_size), mask, label, defect, path), "regions_kept": kept}
+        return {**_item(_rgb(im, self.img_size), mask, label, defect, path), "regions_kept": kept,
+                "has_mask": mpath is not None or label == 0}
 
     def foreground_mask(self, i):
         """Bool HxW from ``CLASS/foreground/<stem>.*``, or None when there is no such file."""
@@ -361,15 +372,51 @@ def open_dataset(path, split: str, img_size: int, foreground: str = "auto") -> D
         if classes:
             raise ValueError(f"{root} holds {len(classes)} classes ({', '.join(p.name for p in classes[:5])}"
                              f"{', ...' if len(classes) > 5 else ''}); pass one class, e.g. {classes[0]}")
-        subs = sorted(p.name for p in root.iterdir() if p.is_dir())
-        raise ValueError(f"{root} matches no known layout; tried: MVTec AD / VisA 1cls (train/good + test/), "
-                         "VisA raw (Data/Images + ../split_csv/1cls.csv), DAGM 2007 (Train|Test/Label/Labels.txt), "
-                         f"'synthetic'. It contains {subs[:20]}; pass ROOT/CLASS (for example mvtec/bottle), "
-                         "not ROOT.")
+        records = _folder(root)
+        if not records:
+            raise ValueError(f"{root}: no image files ({', '.join(sorted(IMG_EXTS))}, any case) in it or its "
+                             "subfolders, and no known layout; tried: MVTec AD / VisA 1cls (train/good + test/), "
+                             "VisA raw (Data/Images + ../split_csv/1cls.csv), DAGM 2007 (Train|Test/Label/Labels.txt), "
+                             "a plain folder of normal images, 'synthetic'")
+        if split == "test":
+            raise ValueError(f"{root} is a plain folder of normal images: it has no test split; pass --test "
+                             "TESTDIR (good/ and one folder per defect type)")
+        return ImageDataset(records, img_size, root, "folder", foreground)
     records = {"mvtec": _mvtec, "visa-1cls": _mvtec, "visa-raw": _visa_raw, "dagm": _dagm}[layout](root, split)
     if not records:
         raise ValueError(f"empty {split} set: no images found in {root} ({layout} layout)")
     return ImageDataset(records, img_size, root, layout, foreground)
+
+
+def _folder(root: Path):
+    """A plain folder: every image below it (any depth, hidden folders skipped) is a normal training image."""
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMG_EXTS and p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    return [(p, None, 0, "good") for p in files]
+
+
+def labelled_folder(path, img_size: int, masks=None) -> Dataset:
+    """A labelled test folder: ``good/`` holds normal images, every other folder one defect type (any name,
+    images at any depth below it). Masks are optional: ``<type>/<stem>.png`` or ``<type>/<stem>_mask.png``
+    (any image extension) under ``masks`` (default ``path/masks``, which is then not a defect type). An
+    anomalous image without a mask keeps label 1 and ``has_mask`` False: pixel metrics leave it out."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"test folder {root} does not exist")
+    mroot = Path(masks).expanduser() if masks else root / "masks"
+    if masks and not mroot.is_dir():
+        raise FileNotFoundError(f"mask folder {mroot} does not exist")
+    if not (root / "good").is_dir():
+        raise ValueError(f"test folder {root} has no good/ folder: put the normal test images in {root / 'good'} "
+                         "and each defect type in a folder of its own")
+    recs = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and p != mroot and not p.name.startswith(".")):
+        found = {m.stem.removesuffix("_mask"): m for m in sorted(_images(mroot / d.name), key=lambda p: p.stem.endswith("_mask"))}
+        for p in sorted(f for f in d.rglob("*") if f.suffix.lower() in IMG_EXTS and f.is_file()):
+            recs.append((p, None, 0, "good") if d.name == "good" else (p, found.get(p.stem), 1, d.name))
+    if not any(r[2] == 0 for r in recs) or not any(r[2] == 1 for r in recs):
+        raise ValueError(f"test folder {root} needs images in good/ and in at least one defect folder")
+    return ImageDataset(recs, img_size, root, "labelled")
 
 
 def find_classes(root) -> list[Path]:

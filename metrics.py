@@ -228,9 +228,11 @@ def pro(masks, maps, fpr_limit=0.3):
     return _area(neg, pos, weights, fpr_limit, "pixel_pro")
 
 
-def evaluate(maps, masks, labels, scores, fpr_limit=0.3, defects=None):
+def evaluate(maps, masks, labels, scores, fpr_limit=0.3, defects=None, pixel_images=None):
     """All metrics in one pass over the pixels -> dict keyed as in the paper's tables. With defects (one
     name per image, "good" for normal ones) also "image_auroc_per_defect": {type: AUROC of good vs type}.
+    pixel_images: one bool per image, whether its mask is known (default: all); pixel metrics pool those
+    images only, and are None when no anomalous image has a known mask.
 
     Invalid input raises ValueError; an undefined metric is NaN with a RuntimeWarning."""
     if not 0 < fpr_limit <= 1:
@@ -238,7 +240,14 @@ def evaluate(maps, masks, labels, scores, fpr_limit=0.3, defects=None):
     if len(maps) != len(labels):
         raise ValueError(f"got {len(maps)} maps but {len(labels)} labels")
     img = _image_data(labels, scores)
-    neg, pos, weights = _pixel_data(masks, maps, regions=True)
+    known = np.ones(len(maps), bool) if pixel_images is None else np.asarray(pixel_images, bool)
+    if known.shape != (len(maps),):
+        raise ValueError(f"got {known.size} pixel_images flags for {len(maps)} maps")
+    pixels = pixel_images is None or (np.asarray(labels)[known] == 1).any()  # some anomalous image has a mask
+    if pixels and not known.all():
+        maps, masks = [maps[i] for i in np.flatnonzero(known)], [masks[i] for i in np.flatnonzero(known)]
+    if pixels:
+        neg, pos, weights = _pixel_data(masks, maps, regions=True)
     jobs = {"image_auroc": lambda: _area(*img, None, 1.0, "image_auroc"),
             "image_ap": lambda: _ap(*img, "image_ap"),
             "image_f1_max": lambda: _f1_max(*img, "image_f1_max"),
@@ -248,6 +257,9 @@ def evaluate(maps, masks, labels, scores, fpr_limit=0.3, defects=None):
             "pixel_pro": lambda: _area(neg, pos, weights, fpr_limit, "pixel_pro")}
     out = {}
     for key, job in jobs.items():
+        if key.startswith("pixel") and not pixels:
+            out[key] = None
+            continue
         try:
             out[key] = job()
         except UndefinedMetricError as e:

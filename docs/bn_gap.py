@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import diffusionad as D  # noqa: E402
 import metrics  # noqa: E402
+import runs  # noqa: E402
 
 
 def maps_on(model, batches, cfg, ts, bn_train):
@@ -43,16 +44,16 @@ def main():
     ap.add_argument("ckpt")
     ap.add_argument("--batches", type=int, default=20)
     a = ap.parse_args()
-    state, cfg = D.load_checkpoint(a.ckpt)
+    state, cfg, opts = runs.load_checkpoint(a.ckpt, D.Config)
     model = D.build_model(cfg, state)
-    trainset = D.make_trainset(cfg)
+    trainset = runs.make_trainset(cfg, opts)
     ts = D.ints(cfg.eval_t)
     epoch = 10 ** 6 + 1  # neither training nor recalibrate_bn uses this epoch
     keys = data.epoch_batches(len(trainset), cfg.batch_size // 2, cfg.seed, epoch)[:a.batches]
     batches = []
     for b in torch.utils.data.DataLoader(trainset, batch_sampler=[[(epoch, i) for i in k] for k in keys]):
-        x0, mask = D.training_batch(b, cfg, torch.device("cpu"))
-        batches.append((x0, mask))
+        x0 = D.to_model(torch.cat([b["image"], b["synthetic"]]), cfg)
+        batches.append((x0, torch.cat([torch.zeros_like(b["synthetic_mask"]), b["synthetic_mask"]])))
     bn = next(m for m in model.seg.modules() if isinstance(m, torch.nn.BatchNorm2d))
     with torch.no_grad():  # the first BatchNorm's input at inference: conv1 of cat(x0, x0_hat) at ts
         x0 = torch.cat([x for x, _ in batches])[:24]
@@ -65,7 +66,7 @@ def main():
           f"its input's variance at t={cfg.eval_t}: {feat.var((0, 2, 3)).mean():.4f}")
     rows = [("eval mode, training statistics", maps_on(model, batches, cfg, ts, False))]
     recal = copy.deepcopy(model)
-    D.recalibrate_bn(recal, cfg, trainset, torch.device("cpu"), 50)
+    D.recalibrate_bn(recal, cfg, opts, trainset, torch.device("cpu"), 50)
     rows.append(("eval mode, recalibrated (50 batches)", maps_on(recal, batches, cfg, ts, False)))
     rows.append(("train mode, batch statistics", maps_on(copy.deepcopy(model), batches, cfg, ts, True)))
     for name, (p, i) in rows:

@@ -16,6 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import diffusionad as D  # noqa: E402
+import runs  # noqa: E402
 
 
 def main():
@@ -24,9 +25,9 @@ def main():
     p.add_argument("data", nargs="?", default=None, help="dataset folder, if not the one the run recorded")
     p.add_argument("--n", type=int, default=12)
     a = p.parse_args()
-    state, cfg = D.load_checkpoint(a.ckpt)
+    state, cfg, opts = runs.load_checkpoint(a.ckpt, D.Config)
     model = D.build_model(cfg, state).eval()
-    train = data.open_dataset(a.data or cfg.data, "train", cfg.img_size)
+    train = data.open_dataset(a.data or opts.data, "train", cfg.img_size)
     idx = [round(i * (len(train) - 1) / max(a.n - 1, 1)) for i in range(min(a.n, len(train)))]
     x0 = D.to_model(torch.stack([train[i]["image"] for i in idx]), cfg)  # (n,3,H,W)
     ts = D.ints(cfg.eval_t)

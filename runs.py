@@ -1,0 +1,905 @@
+"""Run management for diffusionad.py: everything a training or evaluation run needs that is not the paper.
+
+Run options (the flags that say how a run is done, not what is learned), the CPU preset and the checks of
+every flag, devices and speed paths, run folders and their lock, one atomic write, checkpoints (and the
+options of earlier versions), the loss log and its stop on a non-finite loss, Ctrl-C / SIGTERM and
+--max-minutes, torchrun and the data-parallel BatchNorm, whole-benchmark sweeps and their table, and the
+files that eval, predict and export write. It imports data and metrics, never diffusionad: what it needs
+from the model (the Config class, the model object, the train function) is passed in.
+"""
+import argparse
+import csv
+import fcntl
+import functools
+import json
+import math
+import os
+import signal
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+import metrics
+
+
+def opt(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class RunOptions:
+    """How a run is done, not what it learns. Every field is a flag (`eval_batch` -> `--eval-batch`). All may
+    change when a run is resumed except data and holdout, which define the training images."""
+    data: str = opt("synthetic", "ROOT/CLASS (MVTec AD, VisA raw or 1cls, DAGM 2007), a plain folder of normal "
+                    "images, or 'synthetic'; a whole benchmark ROOT trains and evaluates every class in turn")
+    test: str = opt("", "with a plain --data folder: a labelled test folder, good/ and one folder per defect type "
+                    "(masks, where there are any, in TEST/masks/<type>/<stem>.png or --test-masks)")
+    test_masks: str = opt("", "masks of --test: a folder of <type>/<stem>.png or <type>/<stem>_mask.png (default: "
+                          "TEST/masks)")
+    out: str = opt("", "run folder (default runs/<dataset>-<class>; for a benchmark ROOT, runs/<root name>)")
+    classes: str = opt("", "with a benchmark ROOT: only these classes, e.g. candle,pcb1 (default: all)")
+    holdout: float = opt(0.1, "fraction of the normal training images (at least 5) kept out of training to set the "
+                         "decision threshold (ours); 0 = train on all of them (paper), no threshold")
+    threshold_quantile: float = opt(0.99, "the threshold is this quantile of the held-out normal images' scores")
+    device: str = opt("auto", "auto (CUDA when present; cuda:LOCAL_RANK under torchrun) | cpu | cuda | cuda:N")
+    amp: bool = opt(False, "bf16 autocast (GPUs; CPUs only with native bf16: AMX or AVX512-BF16)")
+    compile: bool = opt(False, "torch.compile both networks (training) and Alg. 2 (inference; CUDA graphs on a GPU)")
+    workers: int = opt(-1, "DataLoader worker processes for the synthesizer; -1 = auto (GPU: min(8, cores - 1), CPU: 0)")
+    eval_batch: int = opt(8, "test images per inference batch")
+    max_minutes: float = opt(0.0, "if > 0, end training after this many minutes (resumed runs included) with a "
+                             "checkpoint and the normal final evaluation")
+    ckpt_every: int = opt(500, "steps between checkpoints (always one at the end)")
+    keep_ckpts: str = opt("", "steps whose checkpoint is also kept as ckpt_<step>.pt, e.g. 600,1200 (for curves)")
+    log_every: float = opt(10.0, "seconds between progress lines")
+
+
+# Fields of the method's Config that may change when a run is resumed (length of training, Alg. 2's settings).
+FREE = ("epochs", "max_steps", "eval_t", "top_k")
+# Small model for a 2-core CPU (README quickstart); flags given on the command line win. train_t=300: Alg. 1's t
+# from 1..300, as the authors' later code (docs/RESULTS.md: cleaner restorations, better pixel metrics).
+# lr_schedule=cosine: with a constant 5e-4 the last steps' updates could leave the final model in a bad
+# state (docs/RESULTS.md: DAGM seed 1, 79.2 -> 98.5 image AUROC with the same batches).
+CPU_PRESET = dict(img_size=64, base_channels=16, num_res_blocks=1, channel_mult="1,2,4", attn_resolutions="16",
+                  seg_channels=16, max_steps=900, lr=5e-4, lr_schedule="cosine", eval_batch=16, workers=0,
+                  train_t=300)
+# Options of earlier versions and their "off" values: older checkpoints with them off still load.
+RETIRED = {"ema": 0.0, "bn_recal": 0, "warmup": 0, "seg_norm": "batch"}
+# Fields added after checkpoints were written, with the value those checkpoints were trained with.
+LEGACY = {"holdout": 0.0}
+CHOICES = {"ablation": ("none", "seg-only", "ae", "denoise-only"), "pixel_range": ("0,1", "-1,1"),
+           "seg_grad": ("full", "none"), "lr_schedule": ("constant", "cosine"), "anomaly_shape": data.SHAPES,
+           "anomaly_fill": data.FILLS}
+
+
+def ints(text):
+    return tuple(int(v) for v in str(text).split(",") if v.strip())
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+# ----------------------------------------------------------------------------- flags and their checks
+
+def add_flags(p, *classes):
+    """One flag per dataclass field, with its help and default."""
+    for cls in classes:
+        for f in fields(cls):
+            if f.type is bool:
+                p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                               help=f.metadata["help"])
+            else:
+                p.add_argument(flag(f.name), type=f.type, default=argparse.SUPPRESS, metavar=f.type.__name__.upper(),
+                               help=f"{f.metadata['help']} (default: {f.default})")
+    if len(classes) > 1:
+        p.add_argument("--preset", choices=["paper", "cpu"], default="paper",
+                       help="'cpu': a small model for 2 CPU cores (README quickstart); explicit flags still win")
+
+
+def options_from(a, config_cls):
+    """Parsed flags -> (Config, RunOptions): the preset's values, then the flags given."""
+    given = {k: v for k, v in vars(a).items() if k in {f.name for f in fields(config_cls) + fields(RunOptions)}}
+    preset = dict(CPU_PRESET) if getattr(a, "preset", "paper") == "cpu" else {}
+    if preset and given.get("img_size", 64) != 64:  # the same 16-px bottom level at any size: attention stays cheap
+        preset["channel_mult"] = {128: "1,2,2,4", 256: "1,2,2,4,4", 512: "1,2,2,4,4,4"}.get(given["img_size"], "")
+        preset["eval_batch"] = 4  # at 256 px a batch of 16 ran at half the speed of 4, with 1.6x the memory
+    values = {**preset, **given}
+    return split(values, config_cls)
+
+
+def split(values, config_cls):
+    """A flat dict of fields (a checkpoint's "config", or flags) -> (Config, RunOptions)."""
+    names = {f.name for f in fields(config_cls)}
+    return (config_cls(**{k: v for k, v in values.items() if k in names}),
+            RunOptions(**{k: v for k, v in values.items() if k not in names}))
+
+
+def check(cfg, opts, channel_mult):
+    """Every bad value at once, before any work: one SystemExit naming each flag. channel_mult: the model's
+    function (Config -> level multipliers), which raises ValueError for a size it has no default for."""
+    both = {**asdict(cfg), **asdict(opts)}
+    problems = []
+    for name in ("channel_mult", "attn_resolutions", "eval_t", "keep_ckpts"):
+        try:
+            ints(both[name])
+        except ValueError:
+            problems.append(f"{flag(name)} must be comma-separated integers, got {both[name]!r}")
+    if problems:
+        raise SystemExit("bad configuration:\n  " + "\n  ".join(problems))
+    try:
+        levels = len(channel_mult(cfg))
+    except ValueError as e:
+        raise SystemExit(f"bad configuration:\n  {e}")
+    positive = ("img_size", "timesteps", "base_channels", "num_res_blocks", "num_heads", "seg_channels", "epochs",
+                "eval_batch", "top_k", "ckpt_every")
+    problems += [f"{flag(n)} must be >= 1, got {both[n]}" for n in positive if both[n] < 1]
+    problems += [f"{flag(n)} must be >= 0, got {both[n]}" for n in
+                 ("max_steps", "crop", "max_minutes", "dropout", "denoiser_warmup") if both[n] < 0]
+    problems += [f"{flag(n)} must be > 0, got {both[n]}" for n in ("lr", "log_every") if not both[n] > 0]
+    problems += [f"{flag(n)} must be in [0, 1), got {both[n]}" for n in ("holdout",) if not 0 <= both[n] < 1]
+    problems += [f"{flag(n)} must be in [0, 1], got {both[n]}" for n in ("threshold_quantile",) if not 0 <= both[n] <= 1]
+    if opts.workers < -1:
+        problems.append(f"--workers must be >= 0, or -1 for auto, got {opts.workers}")
+    if not (opts.device in ("auto", "cpu", "cuda") or opts.device.startswith("cuda:") and opts.device[5:].isdigit()):
+        problems.append(f"--device must be auto, cpu, cuda or cuda:N, got {opts.device!r}")
+    for name, allowed in CHOICES.items():
+        if both[name] not in allowed:
+            problems.append(f"{flag(name)} must be one of {', '.join(allowed)}, got {both[name]!r}")
+    if cfg.batch_size < 2 or cfg.batch_size % 2:
+        problems.append(f"--batch-size must be even (half normal, half synthetic), got {cfg.batch_size}")
+    if cfg.img_size % 32 or cfg.img_size % 2 ** (levels - 1):
+        problems.append(f"--img-size {cfg.img_size} must be divisible by 32 and by 2^(levels-1) of --channel-mult")
+    if cfg.base_channels % cfg.num_heads:
+        problems.append(f"--base-channels {cfg.base_channels} must be divisible by --num-heads {cfg.num_heads}")
+    if not 0 < cfg.beta_start < cfg.beta_end < 1:
+        problems.append(f"need 0 < --beta-start < --beta-end < 1, got {cfg.beta_start}, {cfg.beta_end}")
+    if not 0 <= cfg.train_t <= cfg.timesteps:
+        problems.append(f"--train-t must be in [0, --timesteps {cfg.timesteps}] (0 = T), got {cfg.train_t}")
+    if cfg.crop and (cfg.crop > cfg.img_size or cfg.crop % 2 ** (levels - 1) or cfg.crop % 32):
+        problems.append(f"--crop {cfg.crop} must be <= --img-size and divisible by 32 and by 2^(levels-1)")
+    bad_t = [t for t in ints(cfg.eval_t) if not 1 <= t <= cfg.timesteps]
+    if bad_t or not ints(cfg.eval_t):
+        problems.append(f"--eval-t needs time steps in [1, {cfg.timesteps}], got {cfg.eval_t!r}")
+    if cfg.denoiser_warmup and cfg.ablation not in ("none", "ae"):
+        problems.append(f"--denoiser-warmup needs both networks; --ablation {cfg.ablation} has one")
+    if problems:
+        raise SystemExit("bad configuration:\n  " + "\n  ".join(problems))
+    return cfg, opts
+
+
+# ----------------------------------------------------------------------------- devices and speed paths
+
+def pick_device(opts):
+    """auto: CUDA when present (cuda:LOCAL_RANK under torchrun), else the CPU. --amp needs native bf16."""
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if opts.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {opts.device}: no CUDA device is available")
+    if opts.device == "auto":
+        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(f"cuda:{local}" if opts.device == "cuda" else opts.device)
+    if opts.amp and device.type == "cpu" and not (torch.cpu._is_amx_tile_supported() or
+                                                  torch.cpu._is_avx512_bf16_supported()):
+        raise SystemExit("--amp: this CPU has no native bf16 (AMX or AVX512-BF16); bf16 would be emulated and "
+                         "slower than float32. Drop --amp")
+    if opts.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise SystemExit(f"--amp: {torch.cuda.get_device_name(device)} has no bf16 support. Drop --amp")
+    return device
+
+
+def memory_format(opts, device, inference=False):
+    """NHWC where it is faster: on CUDA, for bf16 on CPUs (oneDNN's AMX kernels), and for inference on CPUs
+    (fp32: 1.50x instead of 1.38x the naive loop at the paper's size, AMD EPYC, docs/RESULTS.md). CPU training
+    in fp32 stays NCHW, the layout every CPU result here was trained with (same numbers, bit for bit)."""
+    return torch.channels_last if inference or device.type == "cuda" or opts.amp else torch.contiguous_format
+
+
+def autocast(opts, device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts.amp)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def compile_networks(model):
+    """torch.compile each network's forward in place: state_dict keys stay as they are. (nn.Module.compile()
+    does not take effect in every torch release, so the forward is replaced explicitly.)"""
+    for net in (model.denoiser, model.seg):
+        if net is not None:
+            net.forward = torch.compile(net.forward)
+
+
+def compile_report():
+    c = torch._dynamo.utils.counters
+    return (f"torch.compile: {c['stats']['unique_graphs']} graphs compiled, "
+            f"{sum(c['graph_break'].values())} graph breaks, {sum(c['recompiles'].values())} recompiles")
+
+
+def fmt_time(s):
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+# ----------------------------------------------------------------------------- run folders and files
+
+def run_folder(opts, ablation, benchmark=False):
+    """--out, or runs/<name>[-<ablation>]: <parent>-<class> for a class folder, <root> for a benchmark root."""
+    if opts.out:
+        return Path(opts.out)
+    p = Path(opts.data.rstrip("/"))
+    name = p.name if benchmark or p.name == "synthetic" or not p.parent.name else f"{p.parent.name}-{p.name}"
+    return Path("runs") / (name + ("" if ablation == "none" else "-" + ablation))
+
+
+def atomic_write(path, content):
+    """Write text (str) or a torch object to a temporary file, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if isinstance(content, str):
+        tmp.write_text(content)
+    else:
+        torch.save(content, tmp)
+    os.replace(tmp, path)
+
+
+def lock_run(run):
+    """An exclusive lock on the run folder for as long as this process trains it (the kernel releases it when
+    the process dies, kill -9 included): a second `train` on the same folder refuses to start."""
+    f = open(run / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        raise SystemExit(f"{run} is being trained by another process (pid {f.read().strip() or '?'}); "
+                         "wait for it to end, or pass another --out")
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+def latest_run():
+    ckpts = sorted(Path("runs").glob("**/ckpt.pt"), key=lambda p: p.stat().st_mtime)
+    if not ckpts:
+        raise SystemExit("no run found under runs/: pass --run DIR or --ckpt FILE")
+    return ckpts[-1]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path, model, opt, step, cfg, opts, seconds=0.0, threshold=None):
+    """Both networks, the optimizer, the step, the settings as one flat dict, and the decision threshold once
+    it is known. Loadable with torch.load(weights_only=True)."""
+    state = {"denoiser": model.denoiser.state_dict() if model.denoiser is not None else {},
+             "seg": model.seg.state_dict() if model.seg is not None else {},
+             "optimizer": opt.state_dict() if opt is not None else {}, "step": step, "seconds": seconds,
+             "config": {**asdict(cfg), **asdict(opts)}}
+    if threshold is not None:
+        state["threshold"] = threshold
+    atomic_write(path, state)
+
+
+def load_checkpoint(path, config_cls):
+    """(state, Config, RunOptions) of a checkpoint; a clear SystemExit for anything that is not ours."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"{path}: not a readable DiffusionAD checkpoint ({type(e).__name__}: {str(e)[:200]})")
+    if not isinstance(ckpt, dict) or not {"denoiser", "seg", "config", "step"} <= ckpt.keys():
+        raise SystemExit(f"{path}: not a DiffusionAD checkpoint (missing keys)")
+    values = ckpt["config"]
+    for name, neutral in RETIRED.items():  # options of earlier versions: fine when they were off
+        if values.get(name, neutral) != neutral:
+            raise SystemExit(f"{path}: trained with {flag(name)} {values[name]}, which this version no longer has")
+        values.pop(name, None)
+    for name, value in LEGACY.items():
+        values.setdefault(name, value)
+    unknown = set(values) - {f.name for f in fields(config_cls) + fields(RunOptions)}
+    if unknown:
+        raise SystemExit(f"{path}: checkpoint config has unknown fields {sorted(unknown)} (a newer version?)")
+    return (ckpt, *split(values, config_cls))
+
+
+def check_same_run(saved, cfg, path):
+    """saved, cfg: (Config, RunOptions) pairs. Only FREE fields and run options other than data and holdout
+    may differ when a run is resumed."""
+    fixed = [(f.name, c) for c in (0, 1) for f in fields(saved[c])
+             if (c == 0 and f.name not in FREE) or f.name in ("data", "holdout")]
+    diff = [f"{n}: checkpoint {getattr(saved[c], n)!r} vs requested {getattr(cfg[c], n)!r}"
+            for n, c in fixed if getattr(saved[c], n) != getattr(cfg[c], n)]
+    if diff:
+        raise SystemExit(f"{path} was trained with another configuration:\n  " + "\n  ".join(diff))
+
+
+def open_run(a, config_cls, channel_mult):
+    """eval/predict/export arguments -> (checkpoint path, state, Config with --eval-t, RunOptions with the
+    command's device and speed flags)."""
+    path = Path(a.ckpt) if a.ckpt else (Path(a.run) / "ckpt.pt" if getattr(a, "run", None) else latest_run())
+    state, cfg, opts = load_checkpoint(path, config_cls)
+    cfg = replace(cfg, eval_t=getattr(a, "eval_t", None) or cfg.eval_t)
+    opts = replace(opts, device=a.device, amp=a.amp, compile=a.compile, eval_batch=a.eval_batch or opts.eval_batch,
+                   log_every=a.log_every or opts.log_every)
+    check(cfg, opts, channel_mult)
+    return path, state, cfg, opts
+
+
+# ----------------------------------------------------------------------------- data
+
+def open_test(opts, img_size, path=None):
+    """The test split to evaluate on: --test for a plain folder, else the dataset's own."""
+    try:
+        if opts.test:
+            return data.labelled_folder(opts.test, img_size, opts.test_masks or None)
+        return data.open_dataset(path or opts.data, "test", img_size)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"{e}")
+
+
+def preflight(cfg, opts):
+    """Open both splits and check every file (data.check_split) before the first training step. A plain
+    folder has no test split of its own: --test gives one, or there is none (only the threshold)."""
+    splits, problems = data.check_dataset(opts.data, cfg.img_size, cfg.foreground, test=opts.test or None,
+                                          test_masks=opts.test_masks or None)
+    if len(problems) == 1 and not splits:
+        raise SystemExit(problems[0])
+    if problems:
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise SystemExit(f"{opts.data}: {len(problems)} problem(s) found before training; fix them and start again:"
+                         "\n  " + "\n  ".join(problems[:10]) + more)
+    return splits
+
+
+def make_trainset(cfg, opts, normal=None):
+    try:
+        return data.TrainSet(normal or data.open_dataset(opts.data, "train", cfg.img_size, foreground=cfg.foreground),
+                             seed=cfg.seed, texture_dir=cfg.texture_dir or None, foreground=cfg.foreground,
+                             shape=cfg.anomaly_shape, fill=cfg.anomaly_fill)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"{e}")
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+def distributed():
+    """(rank, world size) in the data-parallel process group, or (0, 1) when there is none."""
+    dist = torch.distributed
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def torchrun_env():
+    """(rank, world size) that torchrun gave this process, or (0, 1)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def sync_batch_norm(net):
+    """Make every BatchNorm2d of net normalise over the global batch of all ranks in training (ours, for
+    torchrun: torch's SyncBatchNorm runs on GPUs only). Statistics are summed across ranks with a
+    differentiable all-reduce; evaluation is unchanged. The state_dict keeps its keys."""
+    from torch.distributed.nn.functional import all_reduce
+
+    def forward(bn, x):
+        if not bn.training:
+            return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        C, xf = x.shape[1], x.float()
+        count = torch.full((1,), xf.numel() / C, device=x.device)
+        with warnings.catch_warnings():  # deprecated, but documented as differentiable; kept for that
+            warnings.simplefilter("ignore", FutureWarning)
+            s = all_reduce(torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count]))  # (2C+1,), all ranks
+        n = s[-1]
+        mean, var = s[:C] / n, (s[C:2 * C] / n - (s[:C] / n) ** 2).clamp_min(0)
+        with torch.no_grad():
+            bn.running_mean.lerp_(mean, bn.momentum)
+            bn.running_var.lerp_(var * n / (n - 1), bn.momentum)
+            bn.num_batches_tracked += 1
+        y = (xf - mean[:, None, None]) * torch.rsqrt(var + bn.eps)[:, None, None]
+        return (y * bn.weight[:, None, None] + bn.bias[:, None, None]).to(x.dtype)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.forward = functools.partial(forward, m)
+
+
+def launch(cfg, opts, resume, train):
+    """train: one class; a benchmark root: every class in turn; torchrun on one class: data-parallel."""
+    _, world = torchrun_env()
+    classes = [] if opts.data.startswith("synthetic") else data.find_classes(opts.data)
+    if classes:
+        return train_benchmark(cfg, opts, classes, train)  # finished classes are skipped, an interrupted one resumes
+    if world == 1:
+        return train(cfg, opts, resume=resume)
+    cuda = torch.cuda.is_available() and opts.device != "cpu"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    try:
+        return train(cfg, opts, resume=resume)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- one training run
+
+class Run:
+    """The plumbing of one training run, around Alg. 1's loop in diffusionad.train: checks, run folder and
+    lock, data and the held-out slice, device, resume state, compile and data-parallel wrapping, the loss
+    log, checkpoints, Ctrl-C / SIGTERM and --max-minutes. A context manager: leaving it closes the log,
+    restores the signal handlers and releases the lock. Under torchrun rank 0 alone writes to the folder."""
+
+    def __init__(self, cfg, opts, resume, config_cls):
+        self.cfg, self.opts = cfg, opts
+        self.rank, self.world = distributed()
+        self.device, self.folder = pick_device(opts), run_folder(opts, cfg.ablation)
+        self.ckpt_path, self.state, self.lock, self.log, self.handlers = self.folder / "ckpt.pt", None, None, None, {}
+        if resume:
+            if not self.ckpt_path.is_file():
+                raise SystemExit(f"--resume: no checkpoint at {self.ckpt_path} (train without --resume to start)")
+            self.state, *saved = load_checkpoint(self.ckpt_path, config_cls)
+            check_same_run(saved, (cfg, opts), self.ckpt_path)
+        elif self.ckpt_path.exists():
+            raise SystemExit(f"{self.ckpt_path} exists: pass --resume to continue it, or --out for a new run")
+        splits = preflight(cfg, opts)
+        self.test = splits.get("test")
+        try:
+            normal, self.held_out = data.holdout_split(splits["train"], opts.holdout)
+        except ValueError as e:
+            raise SystemExit(f"{opts.data}: {e}")
+        if self.rank == 0:
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                self.lock = lock_run(self.folder)
+                atomic_write(self.folder / "config.json", json.dumps({**asdict(cfg), **asdict(opts)}, indent=2))
+            except OSError as e:
+                raise SystemExit(f"{self.folder}: cannot write the run folder ({e.strerror}); pass a writable --out")
+        self.trainset = make_trainset(cfg, opts, normal)
+        self.per_batch = cfg.batch_size // 2  # items per rank and step; each gives one normal and one synthetic image
+        self.steps_per_epoch = len(self.trainset) // (self.per_batch * self.world)
+        if self.steps_per_epoch == 0:
+            raise SystemExit(f"{opts.data}: {len(self.trainset)} training images, fewer than one batch of "
+                             f"{self.per_batch * self.world}")
+        self.total = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * self.steps_per_epoch
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        for s, h in self.handlers.items():
+            signal.signal(s, h)
+        if self.log is not None:
+            self.log.close()
+        if self.lock is not None:
+            self.lock.close()
+        if kind is not None and issubclass(kind, torch.cuda.OutOfMemoryError):
+            raise SystemExit(f"CUDA out of memory at step {self.step + 1}: try a smaller --batch-size, --amp, or a "
+                             f"smaller --img-size / --base-channels. Last checkpoint: "
+                             f"{f'step {self.saved_step}' if self.saved_step is not None else 'none yet'}") from None
+        return False
+
+    def place(self, model):
+        return model.to(self.device, memory_format=memory_format(self.opts, self.device))
+
+    def start(self, model, opt):
+        """Resume the optimizer, compile and wrap the model as asked, open the log, catch Ctrl-C / SIGTERM.
+        Returns (first step, the callable that gives Alg. 1's losses)."""
+        self.step, self.seconds0, self.saved_step = 0, 0.0, None
+        if self.state is not None:
+            opt.load_state_dict(self.state["optimizer"])
+            self.step, self.seconds0 = self.state["step"], self.state.get("seconds", 0.0)
+            self.saved_step = self.step
+            print(f"resuming {self.folder} at step {self.step}/{self.total}")
+        if self.opts.compile:
+            compile_networks(model)
+        fwd = model
+        if self.world > 1:
+            if model.seg is not None:
+                sync_batch_norm(model.seg)
+            fwd = nn.parallel.DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda"
+                                                      else None, find_unused_parameters=self.cfg.denoiser_warmup > 0)
+        self.model, self.opt = model, opt
+        self.keys = [k for k in ("total", "noise", "rec", "mask") if k == "total" or
+                     (k == "noise" and model.denoiser is not None and self.cfg.ablation != "ae") or
+                     (k == "rec" and self.cfg.ablation == "ae") or (k == "mask" and model.seg is not None)]
+        if self.rank == 0:
+            kept = list(csv.reader(open(self.folder / "log.csv")))[1:] if self.step else []  # rows up to the checkpoint
+            self.log = open(self.folder / "log.csv", "w", newline="")
+            self.writer = csv.writer(self.log)
+            self.writer.writerows([["step", "loss", "noise", "rec", "mask", "lr", "seconds"]]
+                                  + [r for r in kept if int(r[0]) <= self.step])
+        self.pending, self.last, self.stop, self.ended = [], {}, {}, None  # pending: read back in bulk, no sync per step
+        self.keep = set(ints(self.opts.keep_ckpts))
+        self.handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self.step, fwd
+
+    def on_signal(self, signum, _):
+        self.stop["signal"] = signum
+        signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C kills at once; checkpoints are atomic
+
+    def batches(self, step):
+        """The synthesizer's batches from `step` to the end, in one DataLoader for the whole run."""
+        cuda = self.device.type == "cuda"
+        workers = self.opts.workers if self.opts.workers >= 0 else (min(8, (os.cpu_count() or 2) - 1) if cuda else 0)
+        loader = torch.utils.data.DataLoader(
+            self.trainset, num_workers=workers, pin_memory=cuda, worker_init_fn=ignore_sigint,
+            batch_sampler=data.run_batches(len(self.trainset), self.per_batch, self.cfg.seed, step, self.total,
+                                           self.rank, self.world), prefetch_factor=4 if workers else None)
+        if self.rank == 0:
+            n_params = sum(p.numel() for p in self.model.parameters())
+            held = f", {len(self.held_out)} held out for the threshold" if self.held_out is not None else ""
+            print(f"training {self.opts.data} ({len(self.trainset)} normal images{held}) on {self.device}: "
+                  f"{n_params / 1e6:.1f}M parameters, {self.total} steps of {self.cfg.batch_size} images"
+                  + (f" per rank ({self.world} ranks: global batch {self.cfg.batch_size * self.world})"
+                     if self.world > 1 else "") + f", {workers} loader workers, run folder {self.folder}")
+            self.warn_if_slow()
+        self.t_start = self.t_print = time.time()
+        self.step0 = step
+        return loader
+
+    def warn_if_slow(self):
+        """On a CPU, a model of the paper's size is timed on one step (forward and backward, no update) before
+        training, and the user is told how long the run would take and how to train on this machine."""
+        n_params = sum(p.numel() for p in self.model.parameters())
+        if self.device.type != "cpu" or n_params < 20e6:
+            return
+        side, B = self.cfg.crop or self.cfg.img_size, self.cfg.batch_size
+        x0, mask = torch.rand(B, 3, side, side), torch.zeros(B, 1, side, side)
+        t0 = time.time()
+        self.model(x0, mask, B // 2, torch.Generator().manual_seed(0))["total"].backward()
+        seconds = time.time() - t0
+        self.opt.zero_grad(set_to_none=True)
+        print(f"note: a {n_params / 1e6:.0f}M-parameter model on a CPU: one step took {seconds:.1f} s, so "
+              f"{self.total - self.step} steps would take about {fmt_time(seconds * (self.total - self.step))}. "
+              "To train on this machine, add --preset cpu (a 3M-parameter model, minutes). Continuing as asked.",
+              flush=True)
+
+    def inputs(self, x0, mask, step):
+        """A batch on the device in the training layout; Alg. 1's noise generator for this step (resumable);
+        random crops (--crop)."""
+        x0 = x0.to(self.device, non_blocking=True).contiguous(memory_format=memory_format(self.opts, self.device))
+        mask = mask.to(self.device, non_blocking=True)
+        g = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + step) * self.world + self.rank)
+        if self.cfg.crop:
+            x0, mask = data.random_crops(x0, mask, self.cfg.crop, g)
+        return x0, mask, g
+
+    def after_step(self, step, loss, lr):
+        """Log, checkpoint, stop. Returns True when training must end now (signal or --max-minutes)."""
+        now = time.time()
+        self.step = step
+        nan = torch.full((), float("nan"), device=self.device)  # a loss this step does not have (--denoiser-warmup)
+        self.pending.append((step, torch.stack([loss[k].detach() if k in loss else nan for k in self.keys]), lr,
+                             self.seconds0 + now - self.t_start))
+        if self.opts.max_minutes and self.seconds0 + now - self.t_start >= 60 * self.opts.max_minutes:
+            self.stop["time"] = True
+        if self.world > 1 and (step % 10 == 0 or step == self.total):  # every rank stops at the same step, alike
+            flags = torch.tensor([float("signal" in self.stop), float("time" in self.stop)], device=self.device)
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+            self.stop.update({k: self.stop.get(k, signal.SIGTERM) for k, f in zip(("signal", "time"), flags.tolist())
+                              if f})
+        halt = bool(self.stop) and (self.world == 1 or step % 10 == 0 or step == self.total)
+        ckpt = step % self.opts.ckpt_every == 0 or step == self.total or halt
+        if ckpt or step in self.keep:
+            self.flush()  # never a checkpoint of non-finite weights
+            if self.rank == 0 and ckpt:
+                self.checkpoint(self.ckpt_path)
+                self.saved_step = step
+            if self.rank == 0 and step in self.keep:
+                self.checkpoint(self.folder / f"ckpt_{step}.pt")
+        if now - self.t_print >= self.opts.log_every or step == self.total or step == self.step0 + 1 or halt:
+            self.flush()
+            self.t_print, rate = now, (step - self.step0) / max(now - self.t_start, 1e-9)
+            if self.rank == 0:
+                print(f"step {step}/{self.total} (epoch {(step - 1) // self.steps_per_epoch + 1}) | "
+                      + " ".join(f"{k} {v:.4f}" for k, v in self.last.items() if math.isfinite(v))
+                      + f" | {rate * self.cfg.batch_size * self.world:.1f} img/s | "
+                        f"eta {fmt_time((self.total - step) / max(rate, 1e-9))}", flush=True)
+        if halt:
+            self.ended = "signal" if "signal" in self.stop else "time"
+        return halt
+
+    def flush(self):
+        """Copy the pending losses to the host (one sync), stop on a non-finite one, append them to log.csv."""
+        if not self.pending:
+            return
+        values = torch.stack([v for _, v, _, _ in self.pending]).float().cpu()
+        for (s, _, lr, sec), v in zip(self.pending, values.tolist()):
+            if not math.isfinite(v[0]):
+                where = (f"the last good checkpoint (step {self.saved_step}) is kept at {self.ckpt_path}"
+                         if self.saved_step is not None else "no checkpoint was written yet")
+                raise SystemExit(f"loss is {v[0]} at step {s}; stopped, {where}. Try a lower --lr or no --amp")
+            if self.rank == 0:
+                row = dict(zip(self.keys, v))
+                self.writer.writerow([s] + [f"{row[k]:.6f}" if math.isfinite(row.get(k, math.nan)) else ""
+                                            for k in ("total", "noise", "rec", "mask")] + [f"{lr:.6g}", f"{sec:.2f}"])
+        self.pending.clear()
+        self.last = dict(zip(self.keys, values[-1].tolist()))
+        if self.rank == 0:
+            self.log.flush()  # log.csv holds every row up to the last checkpoint
+
+    def checkpoint(self, path, threshold=None):
+        save_checkpoint(path, self.model, self.opt, self.step, self.cfg, self.opts, self.seconds(), threshold)
+
+    def seconds(self):
+        return self.seconds0 + time.time() - self.t_start
+
+    def end(self):
+        """After the loop: an interrupted run exits with how to resume; otherwise the training time is printed."""
+        if self.ended == "signal":
+            if self.rank == 0:
+                again = " ".join(sys.argv) + ("" if "--resume" in sys.argv else " --resume")
+                print(f"interrupted at step {self.step}/{self.total}: the checkpoint of step {self.step} is at "
+                      f"{self.ckpt_path}. Resume with:\n  {again}", file=sys.stderr)
+            raise SystemExit(128 + self.stop.get("signal", signal.SIGTERM))
+        self.train_seconds = self.seconds()
+        if self.rank == 0:
+            print(f"trained {self.step - self.step0} steps in {fmt_time(self.train_seconds)}"
+                  + (f" (--max-minutes {self.opts.max_minutes} reached at step {self.step}/{self.total})"
+                     if self.ended == "time" else "") + "; evaluating the final model")
+
+
+def ignore_sigint(_):
+    """DataLoader workers leave Ctrl-C to the main process, which saves a checkpoint and stops them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# ----------------------------------------------------------------------------- whole benchmarks
+
+def train_benchmark(cfg, opts, classes, train):
+    """train() and the final evaluation for every class of a benchmark root, one run folder each under
+    runs/<root name>/<class>/. Finished classes are skipped, an interrupted one resumes; a class that fails
+    does not stop the others. Under torchrun, rank r takes classes r, r + N, ... on its own device."""
+    rank, world = torchrun_env()
+    root = Path(opts.data.rstrip("/"))
+    base = run_folder(opts, cfg.ablation, benchmark=True)
+    if opts.classes:
+        wanted = set(opts.classes.split(","))
+        unknown = wanted - {c.name for c in classes}
+        if unknown:
+            raise SystemExit(f"--classes: {', '.join(sorted(unknown))} not in {root} "
+                             f"(it has {', '.join(c.name for c in classes)})")
+        classes = [c for c in classes if c.name in wanted]
+    base.mkdir(parents=True, exist_ok=True)
+    listing = base / "benchmark.json"  # every class the table must show, finished or not
+    known = json.loads(listing.read_text())["classes"] if listing.is_file() else []
+    if rank == 0:
+        atomic_write(listing, json.dumps({"root": str(root), "classes": sorted(set(known) | {c.name for c in classes})}))
+    failed = []
+    for cls in classes[rank::world]:
+        run = base / cls.name
+        if (run / "metrics.json").is_file():
+            print(f"== {cls.name}: finished before, skipped ({run / 'metrics.json'})")
+            continue
+        resume = (run / "ckpt.pt").is_file()
+        print(f"== {cls.name}: {'resuming' if resume else 'training'} in {run}", flush=True)
+        try:
+            train(cfg, replace(opts, data=str(cls), out=str(run)), resume=resume)
+        except SystemExit as e:
+            if e.code is None or isinstance(e.code, int):  # an interrupt: stop the whole benchmark
+                raise
+            print(f"== {cls.name} FAILED: {e.code}", file=sys.stderr, flush=True)
+            failed.append(cls.name)
+    with open(base / ".table.lock", "a") as f:  # the last rank to finish writes the complete table
+        fcntl.flock(f, fcntl.LOCK_EX)
+        print(write_table(base))
+    if failed:
+        raise SystemExit(f"{len(failed)} class(es) failed: {', '.join(failed)} (messages above); the others "
+                         f"finished. Fix the data and run the same command again")
+
+
+def write_table(folder):
+    """table.md and table.csv of a benchmark folder (metrics.table); returns the markdown."""
+    if not Path(folder).is_dir():
+        raise SystemExit(f"{folder}: no such folder (a benchmark's runs, e.g. runs/VisA_20220922)")
+    md, text = metrics.table(folder)
+    atomic_write(Path(folder) / "table.md", md)
+    atomic_write(Path(folder) / "table.csv", text)
+    return md + f"\nwrote {Path(folder) / 'table.md'} and table.csv"
+
+
+# ----------------------------------------------------------------------------- what eval, predict and export write
+
+def threshold_summary(scores, quantile, cfg):
+    """The decision threshold (the quantile of held-out normal images' scores, at cfg's Alg. 2 settings) and
+    those scores' summary."""
+    s = np.asarray(scores, np.float64)
+    return {"value": float(np.quantile(s, quantile)), "quantile": quantile, "n_held_out": int(len(s)),
+            "eval_t": cfg.eval_t, "top_k": cfg.top_k,
+            "held_out_scores": {k: round(float(f(s)), 6) for k, f in
+                                (("min", np.min), ("median", np.median), ("mean", np.mean), ("max", np.max))}}
+
+
+def stored_threshold(state, cfg, path, override=None):
+    """(threshold or None, where it comes from): --threshold, else the checkpoint's when it was set with the
+    same Alg. 2 settings (time steps, top-K) as this command's."""
+    t = state.get("threshold")
+    if override is not None:
+        return override, "--threshold"
+    if t is None:
+        return None, f"{path} stores none (trained with --holdout 0 or by an earlier version); pass --threshold X"
+    if (t["eval_t"], t["top_k"]) != (cfg.eval_t, cfg.top_k):
+        return None, (f"{path}'s threshold was set at t = {t['eval_t']}, top-{t['top_k']}, not at this command's "
+                      f"t = {cfg.eval_t}, top-{cfg.top_k}; pass --threshold X")
+    return t, f"the {t['quantile']} quantile of {t['n_held_out']} held-out normal images' scores"
+
+
+def print_metrics(res, cfg, opts, device):
+    """The console report of an evaluation (metrics.json holds the same numbers)."""
+    print(f"{res['data']} (t = {cfg.eval_t}, {res['n_test_good'] + res['n_test_anomalous']} test images: "
+          f"{res['n_test_good']} good, {res['n_test_anomalous']} anomalous)")
+    cols = [(name, k) for name, k in metrics.COLUMNS if res.get(k) is not None]
+    print("  " + "  ".join(name for name, _ in cols) + "    FPS")
+    print("  " + "  ".join(f"{100 * res[k]:>{len(name)}.1f}" for name, k in cols) + f"  {res['fps']:>5.1f}")
+    if res.get("pixel_auroc") is None:
+        print("  no masks for the anomalous test images: image metrics only")
+    elif res.get("n_test_without_mask"):
+        print(f"  pixel metrics and PRO over the {res['n_test_anomalous'] - res['n_test_without_mask']} anomalous "
+              f"images with a mask (and the good ones); {res['n_test_without_mask']} have none")
+    print(f"  FPS = test images/s through both networks at all time steps incl. the top-{cfg.top_k} score, "
+          f"batch {opts.eval_batch} on {device}, after a warm-up, file reading excluded. F1 = F1-max")
+    if "reliance" in res:
+        print("  reliance on the restoration (drop with x0_hat := x0): " + ", ".join(
+            f"{name} {100 * v:+.1f}" for name, v in zip(("image AUROC", "pixel AUROC", "PRO"), res["reliance"].values())
+            if v is not None))
+    if "restoration_psnr_good" in res:
+        print("  restoration PSNR of the good test images (dB): "
+              + ", ".join(f"t={t} {p:.1f}" for t, p in res["restoration_psnr_good"].items()))
+    if "flagged" in res:
+        print(f"  threshold {res['flagged']['threshold']:.4f} flags {100 * res['flagged']['good']:.1f} % of the good "
+              f"and {100 * res['flagged']['anomalous']:.1f} % of the anomalous test images")
+
+
+def write_metrics(path, res, cfg, opts):
+    clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in res.items()}
+    clean["config"] = {**asdict(cfg), **asdict(opts)}
+    atomic_write(path, json.dumps(clean, indent=2))
+    print(f"  wrote {path}")
+
+
+def save_panels(folder, items, images, restored, maps, t):
+    folder.mkdir(parents=True, exist_ok=True)
+    for it, img, rec, m in zip(items, images, restored, maps):
+        panel = [data.to_uint8(img), data.to_uint8(rec), data.heatmap(m), data.to_uint8(it["mask"].expand(3, -1, -1))]
+        data.save_png(folder / f"{it['defect']}_{Path(it['path']).stem}.png", np.concatenate(panel, axis=1))
+    print(f"  wrote {len(items)} panels (input | restoration at t={t} | map | ground truth) to {folder}")
+
+
+def eval_output(a, opts, cfg, path):
+    """Where an evaluation writes: RUN/eval_<checkpoint>_<data>_t<t>[_amp][_bnrecalN].json, or --json; never a
+    run's own metrics.json, never an existing file given with --json. Also the folder name for its panels."""
+    data_name = Path((a.test or a.data or opts.test or opts.data).rstrip("/")).name
+    parts = ["eval", path.stem, data_name, "t" + cfg.eval_t.replace(",", "+")]
+    parts += [p for p, on in (("amp", a.amp), (f"bnrecal{a.bn_recal}", a.bn_recal)) if on]
+    name = "_".join(parts)
+    out = Path(a.json) if a.json else path.parent / f"{name}.json"
+    if out.name == "metrics.json" or (a.json and out.exists()):
+        raise SystemExit(f"--json {out}: {'a run’s own result' if out.name == 'metrics.json' else 'exists'}; "
+                         "pass a new file name")
+    return out, path.parent / name
+
+
+def predict_outputs(a, path):
+    """predict's new heatmap folder (RUN/predictions-<date-time>[_k], or an empty --out) and its CSV stream."""
+    stamp = path.parent / f"predictions-{time.strftime('%Y%m%d-%H%M%S')}"
+    out, k = Path(a.out) if a.out else stamp, 1
+    while not a.out and out.exists():  # a new default folder, even for two predictions within one second
+        k += 1
+        out = stamp.with_name(f"{stamp.name}_{k}")
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"--out {out} is not empty: pass a new folder, so that no earlier result is overwritten")
+    if a.csv and Path(a.csv).exists():
+        raise SystemExit(f"--csv {a.csv} exists: pass a new file name")
+    out.mkdir(parents=True, exist_ok=True)
+    return out, (open(a.csv, "w", newline="") if a.csv else sys.stdout)
+
+
+def predict(a, path, files, score, img_size, threshold, source):
+    """Score files in chunks (any folder size fits in memory): score(images (N,3,S,S)) -> (maps, scores).
+    Writes path,score,anomalous,heatmap rows (anomalous: score >= threshold, from `source`) and input | heatmap
+    PNGs; unreadable files are listed at the end."""
+    out, stream = predict_outputs(a, path)
+    writer = csv.writer(stream)
+    writer.writerow(["path", "score", "anomalous", "heatmap"])
+    bad, used, done, flagged, t0 = [], set(), 0, 0, time.time()
+    for i in range(0, len(files), 64):
+        chunk, images = [], []
+        for f in files[i: i + 64]:
+            try:
+                images.append(data.load_image(f, img_size))
+                chunk.append(f)
+            except (FileNotFoundError, ValueError) as e:
+                bad.append(str(e))
+        if not chunk:
+            continue
+        maps, scores = score(torch.stack(images))
+        for f, img, m, s in zip(chunk, images, maps, scores):
+            png = out / (f"{f.stem}_map.png" if f.stem not in used else f"{f.parent.name}_{f.stem}_{len(used)}_map.png")
+            used.add(f.stem)
+            data.save_png(png, np.concatenate([data.to_uint8(img), data.heatmap(m)], axis=1))
+            verdict = "" if threshold is None else int(s >= threshold)
+            flagged += verdict == 1
+            writer.writerow([str(f), f"{s:.6f}", verdict, str(png)])
+        done += len(chunk)
+        if len(files) > 64:
+            rate = done / (time.time() - t0)
+            print(f"  {done}/{len(files)} images, {rate:.1f}/s, eta {fmt_time((len(files) - i - 64) / rate)}",
+                  file=sys.stderr if not a.csv else sys.stdout, flush=True)
+    if a.csv:
+        stream.close()
+        print(f"wrote scores of {done} images to {a.csv} and heatmaps to {out}")
+    print(f"{flagged} of {done} images flagged as anomalous (score >= threshold {threshold:.6f}, {source})"
+          if threshold is not None else f"no threshold: {source}; the anomalous column is empty",
+          file=sys.stderr if not a.csv else sys.stdout)
+    if bad:
+        raise SystemExit(f"{len(bad)} of {len(files)} files could not be read and were skipped:\n  " + "\n  ".join(bad))
+
+
+def export_files(out, program, info):
+    """The exported program (torch.export.save) and a JSON beside it with the threshold and the input contract."""
+    out = Path(out)
+    if out.suffix != ".pt2":
+        raise SystemExit(f"--out {out}: the file name must end in .pt2 (torch.export's format)")
+    if out.exists():
+        raise SystemExit(f"--out {out} exists: pass a new file name")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.export.save(program, str(tmp))
+    os.replace(tmp, out)
+    atomic_write(out.with_suffix(".json"), json.dumps(info, indent=2))
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+
+
+# ----------------------------------------------------------------------------- the command line
+
+def parser(config_cls, doc):
+    p = argparse.ArgumentParser(prog="diffusionad.py", description=doc, allow_abbrev=False)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="Alg. 1: train on the normal images of --data, then evaluate", allow_abbrev=False)
+    add_flags(t, config_cls, RunOptions)
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    e = sub.add_parser("eval", help="Alg. 2 on the test split: metrics, FPS, reliance, optional map panels",
+                       allow_abbrev=False)
+    run_flags(e, "the most recent under runs/")
+    e.add_argument("--data", help="test data (default: the training data)")
+    e.add_argument("--test", default="", help="a labelled test folder (good/ and one folder per defect type)")
+    e.add_argument("--test-masks", default="", help="masks of --test (default: TEST/masks)")
+    e.add_argument("--save-maps", action="store_true", help="PNG panels: input | restoration | map | truth")
+    e.add_argument("--json", help="where to write the metrics (default: <run>/eval_<checkpoint>_<data>_t<t>.json)")
+    e.add_argument("--bn-recal", type=int, default=0, help="first re-estimate the seg net's BatchNorm statistics "
+                   "on this many training batches at the inference time steps (ours)")
+    r = sub.add_parser("predict", help="score your own images, decide, write heatmaps", allow_abbrev=False)
+    r.add_argument("inputs", nargs="+", help="image files or folders")
+    run_flags(r, "the most recent run")
+    r.add_argument("--out", help="new folder for heatmap PNGs (default: <run>/predictions-<date-time>)")
+    r.add_argument("--csv", help="write the rows to this new file instead of stdout")
+    r.add_argument("--threshold", type=float, help="anomalous when score >= this (default: the checkpoint's)")
+    x = sub.add_parser("export", help="Alg. 2 as a torch.export program, loadable with torch alone",
+                       allow_abbrev=False)
+    run_flags(x, "the most recent run")
+    x.add_argument("--out", required=True, help="new .pt2 file; its threshold goes to the .json beside it")
+    sub.add_parser("bench", help="training and inference speed, plain and shipped paths side by side "
+                   "(docs/bench.py; --help there)", add_help=False)
+    s = sub.add_parser("table", help="the benchmark table of runs/<root name>: ours and the paper's", allow_abbrev=False)
+    s.add_argument("folder", help="a benchmark's run folder, e.g. runs/VisA_20220922")
+    return p
+
+
+def run_flags(p, default):
+    """The flags of the commands that load a trained run."""
+    p.add_argument("--run", help=f"run folder (default: {default})")
+    p.add_argument("--ckpt", help="checkpoint file (instead of --run)")
+    p.add_argument("--eval-t", help="inference time steps, e.g. 100,200 (default: the run's)")
+    p.add_argument("--eval-batch", type=int, help="images per inference batch (default: the run's)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (GPUs; CPUs with native bf16)")
+    p.add_argument("--compile", action="store_true", help="torch.compile Alg. 2 (CUDA graphs on a GPU)")
+    p.add_argument("--log-every", type=float, help="seconds between progress lines")

@@ -8,6 +8,7 @@ files that eval, predict and export write. It imports data and metrics, never di
 from the model (the Config class, the model object, the train function) is passed in.
 """
 import argparse
+import copy
 import csv
 import fcntl
 import functools
@@ -545,18 +546,19 @@ class Run:
         self.step0 = step
         return loader
 
-    def warn_if_slow(self):
-        """On a CPU, a model of the paper's size is timed on one step (forward and backward, no update) before
-        training, and the user is told how long the run would take and how to train on this machine."""
+    def warn_if_slow(self, min_params=20e6):
+        """On a CPU, a model of the paper's size (min_params or more) is timed on one step (forward and
+        backward of a copy, on random images) before training, and the user is told how long the run would
+        take and how to train on this machine. The run itself is untouched."""
         n_params = sum(p.numel() for p in self.model.parameters())
-        if self.device.type != "cpu" or n_params < 20e6:
+        if self.device.type != "cpu" or n_params < min_params:
             return
-        side, B = self.cfg.crop or self.cfg.img_size, self.cfg.batch_size
-        x0, mask = torch.rand(B, 3, side, side), torch.zeros(B, 1, side, side)
+        side, B, g = self.cfg.crop or self.cfg.img_size, self.cfg.batch_size, torch.Generator().manual_seed(0)
+        x0, mask, probe = torch.rand(B, 3, side, side, generator=g), torch.zeros(B, 1, side, side), copy.deepcopy(self.model)
         t0 = time.time()
-        self.model(x0, mask, B // 2, torch.Generator().manual_seed(0))["total"].backward()
+        probe(x0, mask, B // 2, g)["total"].backward()
         seconds = time.time() - t0
-        self.opt.zero_grad(set_to_none=True)
+        del probe
         print(f"note: a {n_params / 1e6:.0f}M-parameter model on a CPU: one step took {seconds:.1f} s, so "
               f"{self.total - self.step} steps would take about {fmt_time(seconds * (self.total - self.step))}. "
               "To train on this machine, add --preset cpu (a 3M-parameter model, minutes). Continuing as asked.",

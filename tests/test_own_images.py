@@ -1,0 +1,204 @@
+"""A user's own images: a plain folder trains, a labelled test folder is optional, a threshold travels with
+the model, predict decides, export runs without our code, a CPU user of the paper's size is told."""
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import diffusionad as D
+import runs
+
+FLAGS = ["--img-size", "32", "--base-channels", "16", "--channel-mult", "1,2", "--attn-resolutions", "16",
+         "--seg-channels", "4", "--workers", "0", "--eval-batch", "4", "--log-every", "1000", "--max-steps", "2"]
+
+
+def part(seed, size=40, spot=False):
+    """A grey part with a bright bar; spot=True adds a dark square (a defect) and returns its mask too."""
+    rng = np.random.default_rng(seed)
+    img = (rng.random((size, size, 3)) * 40 + 90).astype(np.uint8)
+    img[:, 18:22] = 200
+    mask = np.zeros((size, size), np.uint8)
+    if spot:
+        img[5:12, 5:12], mask[5:12, 5:12] = 10, 255
+    return img, mask
+
+
+def plain_folder(root, n=24):
+    """n normal images at several depths, with every accepted extension in mixed case."""
+    exts = [".png", ".JPG", ".jpeg", ".bmp", ".TIF", ".png"]
+    for i in range(n):
+        sub = root / ("" if i % 3 == 0 else "line_a" if i % 3 == 1 else "line_b/day2")
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(part(i)[0]).save(sub / f"p{i:03d}{exts[i % len(exts)]}")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def labelled(root, masks=True):
+    """TEST/good, TEST/spot (masks in TEST/masks/spot/<stem>.png when masks), TEST/dent (never masked)."""
+    for i in range(3):
+        (root / "good").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(part(100 + i)[0]).save(root / "good" / f"g{i}.png")
+        img, mask = part(200 + i, spot=True)
+        (root / "spot").mkdir(exist_ok=True)
+        Image.fromarray(img).save(root / "spot" / f"s{i}.png")
+        if masks:
+            (root / "masks" / "spot").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(mask).save(root / "masks" / "spot" / f"s{i}.png")
+        (root / "dent").mkdir(exist_ok=True)
+        Image.fromarray(part(300 + i, spot=True)[0]).save(root / "dent" / f"d{i}.jpg")
+    return root
+
+
+def test_a_nested_plain_folder_trains_and_stores_a_threshold(tmp_path, capsys):
+    folder = plain_folder(tmp_path / "my_parts")
+    D.main(["train", "--data", str(folder), "--out", str(tmp_path / "run"), "--holdout", "0.25"] + FLAGS)
+    out = capsys.readouterr().out
+    assert "training " + str(folder) + " (18 normal images, 6 held out for the threshold)" in out  # ceil(24 / 4)
+    assert "no test split (a plain folder without --test): the threshold only" in out
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    t = ckpt["threshold"]
+    assert t["n_held_out"] == 6 and t["quantile"] == 0.99 and t["eval_t"] == "100,200"
+    assert t["held_out_scores"]["min"] <= t["value"] <= t["held_out_scores"]["max"]
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["threshold"]["value"] == t["value"] and "image_auroc" not in m
+    with pytest.raises(SystemExit, match="plain folder of normal images: it has no test split; pass --test"):
+        D.main(["eval", "--run", str(tmp_path / "run")])
+
+
+def test_a_folder_without_images_is_one_clear_error(tmp_path):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "readme.txt").write_text("")
+    r = subprocess.run([sys.executable, "diffusionad.py", "train", "--data", str(tmp_path / "empty")],
+                       cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "no image files (.bmp, .jpeg, .jpg, .png, .tif, .tiff, .webp, any case) in it or its subfolders" in r.stderr
+
+
+def test_holdout_is_a_fixed_slice_of_at_least_five(tmp_path):
+    ds = data.open_dataset(plain_folder(tmp_path / "f", n=40), "train", 32)
+    a_train, a_held = data.holdout_split(ds, 0.1)
+    b_train, b_held = data.holdout_split(ds, 0.1)
+    assert len(a_held) == 5 and len(a_train) == 35  # ceil(4) < 5: at least five
+    assert [r[0] for r in a_held.records] == [r[0] for r in b_held.records]  # the same for every run and seed
+    assert not {r[0] for r in a_held.records} & {r[0] for r in a_train.records}
+    assert len(data.holdout_split(ds, 0.5)[1]) == 20 and data.holdout_split(ds, 0)[1] is None
+    with pytest.raises(ValueError, match="too few to hold out 5"):
+        data.holdout_split(data.Part(ds, range(6)), 0.1)
+
+
+@pytest.mark.parametrize("masks", [True, False])
+def test_a_labelled_test_folder_with_and_without_masks(tmp_path, capsys, masks):
+    folder, test = plain_folder(tmp_path / "parts"), labelled(tmp_path / "test", masks)
+    D.main(["train", "--data", str(folder), "--test", str(test), "--out", str(tmp_path / "run")] + FLAGS)
+    out = capsys.readouterr().out
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["n_test_good"] == 3 and m["n_test_anomalous"] == 6 and 0 <= m["image_auroc"] <= 1
+    assert set(m["image_auroc_per_defect"]) == {"dent", "spot"}
+    assert m["flagged"]["threshold"] == m["threshold"]["value"] and 0 <= m["flagged"]["anomalous"] <= 1
+    if masks:  # pixel metrics over the good images and the three masked spots
+        assert m["n_test_without_mask"] == 3 and 0 <= m["pixel_pro"] <= 1
+        assert "pixel metrics and PRO over the 3 anomalous images with a mask (and the good ones); 3 have none" in out
+    else:
+        assert m["n_test_without_mask"] == 6 and m["pixel_auroc"] is None and m["pixel_pro"] is None
+        assert "no masks for the anomalous test images: image metrics only" in out
+    with pytest.raises(SystemExit, match="is inside --data"):
+        D.main(["train", "--data", str(tmp_path), "--test", str(test), "--out", str(tmp_path / "r2")] + FLAGS)
+
+
+def test_the_threshold_rule_on_a_toy_case():
+    cfg = D.Config(eval_t="100,200", top_k=50)
+    t = runs.threshold_summary(np.arange(1, 11) / 10, 0.9, cfg)  # 0.1 ... 1.0
+    assert t["value"] == pytest.approx(0.91) and t["n_held_out"] == 10  # numpy's linear interpolation
+    assert t["held_out_scores"] == {"min": 0.1, "median": 0.55, "mean": 0.55, "max": 1.0}
+    state = {"threshold": t}
+    assert runs.stored_threshold(state, cfg, "ck")[0] is t
+    assert runs.stored_threshold(state, cfg, "ck", 0.3) == (0.3, "--threshold")
+    value, why = runs.stored_threshold(state, D.Config(eval_t="200,400"), "ck")
+    assert value is None and "set at t = 100,200" in why  # a threshold belongs to its Alg. 2 settings
+    assert runs.stored_threshold({}, cfg, "ck")[0] is None
+
+
+def trained_folder_run(tmp_path, holdout="0.25"):
+    folder = plain_folder(tmp_path / "parts")
+    D.main(["train", "--data", str(folder), "--out", str(tmp_path / "run"), "--holdout", holdout] + FLAGS)
+    return tmp_path / "run"
+
+
+def test_predict_decides_by_the_checkpoints_threshold(tmp_path, capsys):
+    run = trained_folder_run(tmp_path)
+    inputs = labelled(tmp_path / "new")
+    threshold = torch.load(run / "ckpt.pt", weights_only=True)["threshold"]["value"]
+    capsys.readouterr()
+    D.main(["predict", "--run", str(run), str(inputs / "good"), str(inputs / "spot"), "--csv", str(tmp_path / "a.csv")])
+    rows = [r.split(",") for r in (tmp_path / "a.csv").read_text().splitlines()]
+    assert rows[0] == ["path", "score", "anomalous", "heatmap"] and len(rows) == 7
+    assert all(r[2] == str(int(float(r[1]) >= threshold)) for r in rows[1:])
+    flagged = sum(r[2] == "1" for r in rows[1:])
+    assert f"{flagged} of 6 images flagged as anomalous (score >= threshold {threshold:.6f}, the 0.99 quantile" \
+        in capsys.readouterr().out
+    for value, expected in ((0.0, "1"), (2.0, "0")):  # --threshold overrides
+        csv_path = tmp_path / f"t{value}.csv"
+        D.main(["predict", "--run", str(run), str(inputs / "good"), "--csv", str(csv_path), "--threshold", str(value)])
+        assert {r.split(",")[2] for r in csv_path.read_text().splitlines()[1:]} == {expected}
+
+
+def test_predict_without_a_stored_threshold_leaves_the_verdict_empty(tmp_path, capsys):
+    run = trained_folder_run(tmp_path, holdout="0")
+    D.main(["predict", "--run", str(run), str(tmp_path / "parts" / "p000.png"), "--csv", str(tmp_path / "a.csv")])
+    assert (tmp_path / "a.csv").read_text().splitlines()[1].split(",")[2] == ""
+    assert "stores none (trained with --holdout 0 or by an earlier version); pass --threshold X" in capsys.readouterr().out
+
+
+FRESH = """
+import json, sys
+import numpy as np, torch
+from PIL import Image
+program = torch.export.load(sys.argv[1]).module()
+info = json.load(open(sys.argv[1][:-4] + ".json"))
+S = info["img_size"]
+x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB").resize((S, S), Image.BILINEAR),
+                                             np.float32) / 255).permute(2, 0, 1) for p in sys.argv[2:]])
+maps, scores = program(x)
+ours = sorted(m for m in sys.modules if m in ("data", "diffusionad", "runs", "metrics"))
+print(json.dumps({"scores": scores.tolist(), "maps": list(maps.shape), "ours": ours, "threshold": info["threshold"]}))
+"""
+
+
+def test_export_runs_in_a_fresh_process_and_equals_predict(tmp_path):
+    run = trained_folder_run(tmp_path)
+    inputs = labelled(tmp_path / "new")
+    files = sorted(str(p) for d in ("good", "spot", "dent") for p in (inputs / d).iterdir())  # 9: not a batch multiple
+    D.main(["predict", "--run", str(run), *files, "--csv", str(tmp_path / "p.csv")])
+    predicted = {r.split(",")[0]: float(r.split(",")[1]) for r in (tmp_path / "p.csv").read_text().splitlines()[1:]}
+    D.main(["export", "--run", str(run), "--out", str(tmp_path / "model.pt2")])
+    with pytest.raises(SystemExit, match="exists: pass a new file name"):
+        D.main(["export", "--run", str(run), "--out", str(tmp_path / "model.pt2")])
+    (tmp_path / "fresh.py").write_text(textwrap.dedent(FRESH))
+    r = subprocess.run([sys.executable, "-I", str(tmp_path / "fresh.py"), str(tmp_path / "model.pt2"), *files],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300, check=True)
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["ours"] == [] and got["maps"] == [9, 32, 32]  # torch alone; any batch size
+    assert got["threshold"] == torch.load(run / "ckpt.pt", weights_only=True)["threshold"]["value"]
+    assert np.allclose(got["scores"], [predicted[f] for f in files], atol=1e-4)
+
+
+def test_a_cpu_user_of_a_large_model_is_told_before_the_first_step(tmp_path, capsys, monkeypatch):
+    real = runs.Run.warn_if_slow
+    monkeypatch.setattr(runs.Run, "warn_if_slow", lambda self: real(self, min_params=0))  # any model counts as large
+    D.main(["train", "--data", "synthetic", "--out", str(tmp_path / "a")] + FLAGS)
+    out = capsys.readouterr().out
+    note = out.index("note: a 0M-parameter model on a CPU: one step took")
+    assert note < out.index("step 1/2") and "add --preset cpu" in out and "Continuing as asked" in out
+    monkeypatch.undo()
+    D.main(["train", "--data", "synthetic", "--out", str(tmp_path / "b")] + FLAGS)  # the same run, untold
+    assert "note:" not in capsys.readouterr().out
+    a, b = (torch.load(tmp_path / r / "ckpt.pt", weights_only=True) for r in "ab")
+    assert all(torch.equal(a[n][k], b[n][k]) for n in ("denoiser", "seg") for k in a[n])  # the timing changed nothing

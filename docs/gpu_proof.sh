@@ -24,7 +24,7 @@ fi
 RUN=runs/gpu-dagm-$(date +%Y%m%d-%H%M%S)
 python3 diffusionad.py train --data "$DATA" --max-minutes "$MINUTES" $SPEED --ckpt-every 2000 \
   --eval-batch 16 --log-every 30 --out "$RUN" ${EXTRA:-} 2>&1 | tee "$OUT/train.txt"
-python3 diffusionad.py eval --run "$RUN" --save-maps ${SPEED/--compile/} --batch 16 > /dev/null
+python3 diffusionad.py eval --run "$RUN" --save-maps ${SPEED/--compile/} --eval-batch 16 > /dev/null
 cp "$RUN/metrics.json" "$RUN/log.csv" "$OUT/"
 python3 docs/plot.py loss "$RUN/log.csv" "$OUT/loss.png"
 python3 docs/figure.py "$OUT/panels.png" "$RUN"/eval_ckpt_*/

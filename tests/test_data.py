@@ -627,3 +627,29 @@ def test_real_visa_csv(tmp_path):
     (tmp_path / rows[-1]["image"]).unlink()
     with pytest.raises(FileNotFoundError, match=rows[-1]["image"]):
         data.open_dataset(tmp_path / "cashew", "test", 32)
+
+
+def test_small_marks_are_pcb_sized_and_invert_gives_the_other_material():
+    rng = np.random.default_rng(0)
+    for size in (64, 256):
+        for _ in range(30):
+            M = data.small_mask(size, size, rng)
+            lab, n = ndimage.label(M, np.ones((3, 3), bool))
+            assert 1 <= n <= 8 and M.mean() < 0.01                         # a few small marks
+            sides = [max(s.stop - s.start for s in sl) for sl in ndimage.find_objects(lab)]
+            assert max(sides) <= 0.08 * size + 3                              # at most ~20 px at 256
+    board = (np.random.default_rng(1).random((64, 64)) > 0.5).astype(np.float32)  # a binarised image
+    board = np.repeat(board[..., None], 3, axis=2)
+    for i in range(10):
+        S, M = data.synthesize(board, None, np.random.default_rng(i), shape="small", fill="invert")
+        m = M.astype(bool)
+        assert np.array_equal(S[m], 1 - board[m]) and np.array_equal(S[~m], board[~m])  # every masked pixel flips
+        assert set(np.unique(S)) <= {0.0, 1.0}                                         # never a grey blend
+    a = data.synthesize(board, None, np.random.default_rng(3))                          # the paper's default ...
+    b = data.synthesize(board, None, np.random.default_rng(3), shape="perlin", fill="blend")  # ... is unchanged
+    assert np.array_equal(a[0], b[0])
+    with pytest.raises(ValueError, match="fill must be one of"):
+        data.synthesize(board, None, rng, fill="paint")
+    ts = data.TrainSet(data.open_dataset("synthetic", "train", 32), shape="small", fill="invert")
+    s = ts.sample(0)
+    assert np.allclose(s["synthetic"][s["mask"] > 0], 1 - s["image"][s["mask"] > 0])

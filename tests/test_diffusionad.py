@@ -741,3 +741,76 @@ def test_diagnostic_scripts_run_on_a_trained_model(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "docs" / "bn_gap.py"), ckpt, "--batches", "2"],
                          capture_output=True, text=True, check=True).stdout
     assert "first BatchNorm running var" in out and out.count("pixel AUROC") == 3
+
+
+# ---------------------------------------------------------------- the paper file stands alone
+
+def test_the_model_section_copies_out_alone_and_the_paper_file_never_imports_runs():
+    source = (ROOT / "diffusionad.py").read_text()
+    model = source[source.index("def arg("): source.index("\n\ndef build_model(")]  # Config through DiffusionAD
+    script = ("import math\nfrom dataclasses import dataclass, field\nimport torch\nimport torch.nn as nn\n"
+              "import torch.nn.functional as F\n" + model + "\n"
+              "cfg = Config(img_size=32, base_channels=16, channel_mult='1,2', seg_channels=4)\n"
+              "m = DiffusionAD(cfg).eval()\n"
+              "maps, scores, _ = m.anomaly_maps(torch.rand(2, 3, 32, 32), (100, 200), torch.randn(4, 3, 32, 32))\n"
+              "print(tuple(maps.shape), tuple(scores.shape))\n")
+    r = subprocess.run([sys.executable, "-I", "-c", script], capture_output=True, text=True, timeout=120, cwd="/")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["(2,", "32,", "32)", "(2,)"]
+    r = subprocess.run([sys.executable, "-c", "import sys, diffusionad; print('runs' in sys.modules)"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "False"
+    assert "import diffusionad" not in (ROOT / "runs.py").read_text()
+    with pytest.raises(ValueError, match="no default --channel-mult for --img-size 96"):  # the model raises, the
+        D.DiffusionAD(D.Config(img_size=96))                                             # CLI turns it into one line
+    with pytest.raises(SystemExit, match="no default --channel-mult for --img-size 96"):
+        D.main(["train", "--img-size", "96"])
+
+
+# ---------------------------------------------------------------- noise-to-norm: reliance, warm-up, noise
+
+def test_every_evaluation_reports_the_reliance_on_the_restoration(tmp_path, capsys):
+    run = D.train(*tiny(data="synthetic", max_steps=2, out=str(tmp_path / "full")))
+    m = json.loads((run / "metrics.json").read_text())
+    assert set(m["reliance"]) == {"image_auroc", "pixel_auroc", "pixel_pro"}
+    for k, drop in m["reliance"].items():
+        assert drop == pytest.approx(m[k] - m["without_restoration"][k])
+    assert "reliance on the restoration (drop with x0_hat := x0): image AUROC" in capsys.readouterr().out
+    # x0_hat := x0 is the seg net on cat(x0, x0): the same as Alg. 2 with a restoration that returns x0
+    cfg, opts = tiny(data="synthetic")
+    model = D.build_model(cfg).eval()
+    images = torch.rand(5, 3, 32, 32)
+    maps, scores = D.maps_without_restoration(model, images, cfg, opts, torch.device("cpu"))
+    model.restore = lambda x0, t, eps: (x0, None)
+    ref_maps, ref_scores, _, _ = D.run_inference(model, images, cfg, opts, torch.device("cpu"))
+    assert np.allclose(maps, ref_maps, atol=1e-5) and np.allclose(scores, ref_scores, atol=1e-5)
+    seg_only = D.train(*tiny(data="synthetic", max_steps=1, ablation="seg-only", out=str(tmp_path / "seg")))
+    assert "reliance" not in json.loads((seg_only / "metrics.json").read_text())  # no restoration to rely on
+    ae = D.train(*tiny(data="synthetic", max_steps=1, ablation="ae", out=str(tmp_path / "ae")))
+    assert "reliance" in json.loads((ae / "metrics.json").read_text())  # DRAEM+ has a reconstruction
+
+
+def test_denoiser_warmup_trains_the_denoiser_alone_first(tmp_path):
+    run = D.train(*tiny(data="synthetic", max_steps=4, denoiser_warmup=2, ckpt_every=2, keep_ckpts="2",
+                        out=str(tmp_path / "w")))
+    rows = [r.split(",") for r in (run / "log.csv").read_text().splitlines()]
+    assert rows[0][4] == "mask" and [r[4] == "" for r in rows[1:]] == [True, True, False, False]
+    assert all(float(r[1]) == float(r[2]) for r in rows[1:3])  # total = L_noise during the warm-up
+    torch.manual_seed(0)
+    init = D.build_model(tiny_cfg())
+    at2 = torch.load(run / "ckpt_2.pt", weights_only=True)
+    assert all(torch.equal(v, at2["seg"][k]) for k, v in init.seg.state_dict().items())  # the seg net waited
+    assert not torch.equal(init.denoiser.inp.weight, at2["denoiser"]["inp.weight"])
+    with pytest.raises(SystemExit, match="--denoiser-warmup needs both networks"):
+        tiny(denoiser_warmup=5, ablation="seg-only")
+
+
+def test_an_images_score_does_not_depend_on_its_batch():
+    cfg, opts = tiny()
+    model = D.build_model(cfg).eval()
+    images = torch.rand(5, 3, 32, 32)
+    _, scores, _, _ = D.run_inference(model, images, cfg, replace(opts, eval_batch=2), torch.device("cpu"))
+    _, single, _, _ = D.run_inference(model, images.flip(0), cfg, replace(opts, eval_batch=1), torch.device("cpu"))
+    assert np.allclose(scores, single[::-1], atol=1e-5)
+    eps = D.inference_noise(0, 2, 32)
+    assert eps.shape == (2, 3, 32, 32) and torch.equal(eps, D.inference_noise(0, 2, 32))

@@ -8,7 +8,7 @@ from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 import metrics
-from metrics import (COLUMNS, evaluate, image_ap, image_auroc, image_f1_max, pixel_ap, pixel_auroc, pixel_f1_max,
+from metrics import (COLUMNS, PAPER, evaluate, image_ap, image_auroc, image_f1_max, pixel_ap, pixel_auroc, pixel_f1_max,
                      pro, table)
 
 
@@ -262,3 +262,28 @@ def test_table_marks_unfinished_classes_and_compares_with_the_paper(tmp_path):
     assert "| 98.0 |" in lines[3] and "| 100.0 | -2.0 |" in lines[3]                # the paper's Class8
     assert lines[5].startswith("| mean of 2/3 | 94.0 | 50.0")
     assert text.splitlines()[0].startswith("Class,Image AUROC,Pixel AUROC,PRO,Image AP,Pixel AP,Image F1-max")
+
+
+def test_table_compares_each_class_and_the_mean_with_the_paper(tmp_path):
+    import json
+
+    def runs_of(root, scores):
+        for name, (auroc, pro) in scores.items():
+            (root / name).mkdir(parents=True)
+            (root / name / "config.json").write_text("{}")
+            m = {k: 0.5 for _, k in COLUMNS}
+            m.update(image_auroc=auroc, pixel_pro=pro, fps=1.0, train_seconds=60.0)
+            (root / name / "metrics.json").write_text(json.dumps(m))
+        return [line.split(" | ") for line in table(root)[0].splitlines()[2:]]
+
+    visa = runs_of(tmp_path / "visa", {"pcb1": (0.95, 0.90), "candle": (0.90, 0.80)})
+    assert visa[1][:1] == ["| pcb1"] and visa[1][-6:] == ["99.1", "-4.1", "98.5 (PatchCore)", "96.9", "-6.9",
+                                                          "94.3 (PatchCore) |"]
+    mean = visa[2]  # the paper's mean over candle and pcb1 (94.9, 99.1 and 94.7, 96.9), not its 12-class 97.8
+    assert mean[0] == "| mean" and mean[-6:] == ["97.0", "-4.5", "-", "95.8", "-10.8", "- |"]
+    all12 = runs_of(tmp_path / "all", {c: (0.9, 0.9) for c in PAPER["visa"] if c != "mean"})
+    assert all12[-1][-6:] == ["97.8", "-7.8", "96.0 (RD4AD)", "93.2", "-3.2", "91.2 (PatchCore) |"]
+    dagm = runs_of(tmp_path / "dagm", {"Class9": (0.99, None), "Class8": (0.97, None)})
+    assert [r[0] for r in dagm] == ["| Class8", "| Class9", "| mean"]
+    assert dagm[1][-3:] == ["96.1", "+2.9", "100.0 (CFA) |"] and dagm[2][-3:] == ["98.0", "+0.0", "- |"]
+    assert "Paper PRO" not in table(tmp_path / "dagm")[0]  # DAGM: image AUROC only

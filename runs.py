@@ -853,7 +853,7 @@ def export_files(out, program, info):
     if out.exists():
         raise SystemExit(f"--out {out} exists: pass a new file name")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(out.stem + ".tmp.pt2")  # torch.export.save wants the .pt2 ending
     torch.export.save(program, str(tmp))
     os.replace(tmp, out)
     atomic_write(out.with_suffix(".json"), json.dumps(info, indent=2))

@@ -583,32 +583,57 @@ def curves_mask(H, W, rng, lengths=(0.08, 0.3), count=(1, 4)) -> np.ndarray:
     return ndimage.binary_dilation(M, ndimage.iterate_structure(ndimage.generate_binary_structure(2, 1), r)) if r else M
 
 
-def small_mask(H, W, rng) -> np.ndarray:
-    """1-4 small marks, each a spot (an ellipse with axes 2-6 x 2-12 px) or a short stroke (4-18 px long,
-    1 or 3 px wide), sizes at 256 px and scaled with the image side (ours; an option). Sized like printed
-    circuit board defects: on DeepPCB a defect region measures a median 2.4 x 8.4 px at 256 px (5-95 %:
-    1-5 px thick, 4-17 px long), smaller than most Perlin blobs and curves."""
-    M, s = np.zeros((H, W), bool), min(H, W) / 256
+def small_mask(H, W, rng, k=4) -> np.ndarray:
+    """1-4 small marks as a soft mask (float HxW in [0, 1]), each a spot (an ellipse with axes 2-6 x 2-12 px)
+    or a short stroke (4-18 px long, 1-3 px wide), sizes at 256 px and scaled with the image side (ours; an
+    option). Sized like printed circuit board defects: on DeepPCB a defect region measures a median 2.4 x
+    8.4 px at 256 px (5-95 %: 1-5 px thick, 4-17 px long), smaller than most Perlin blobs and curves.
+    Each mark is drawn on a k x k sub-pixel grid and averaged: its edges are anti-aliased, as every edge
+    of a real image is after the loader's resize. Marks with hard pixel edges are a cue no real defect
+    gives: a model trained on them found them all and missed the same marks drawn at DeepPCB's 640 px and
+    resized (docs/RESULTS.md). k = 1 gives hard edges."""
+    out, s = np.zeros((H, W), np.float32), min(H, W) / 256
     for _ in range(int(rng.integers(1, 5))):
-        if rng.random() < 0.5:                                  # a spot: pin hole, spurious copper, bite
-            cy, cx = rng.uniform(0, 1, 2) * (H, W)
-            a, b, angle = rng.uniform(1, 3) * s, rng.uniform(1, 6) * s, rng.uniform(0, np.pi)
-            r = int(math.ceil(max(a, b))) + 1
-            y, x = np.mgrid[max(int(cy) - r, 0):min(int(cy) + r + 1, H), max(int(cx) - r, 0):min(int(cx) + r + 1, W)]
+        cy, cx = rng.uniform(0, 1, 2) * (H, W)
+        spot = rng.random() < 0.5
+        if spot:                                                # pin hole, spurious copper, mouse bite
+            a, b, angle = max(rng.uniform(1, 3) * s, 0.75), max(rng.uniform(1, 6) * s, 0.75), rng.uniform(0, np.pi)
+            reach = max(a, b)
+        else:                                                   # a stroke: short, open, spur
+            length, angle, bend = rng.uniform(4, 18) * s, rng.uniform(0, np.pi), rng.normal(0, 0.25)
+            half = max(rng.uniform(0.5, 1.5) * s, 0.5)          # half its width, at least half a pixel
+            d = np.array([np.sin(angle), np.cos(angle)]) * length
+            p0 = np.array([cy, cx]) - d / 2
+            p1 = p0 + d / 2 + bend * np.array([d[1], -d[0]])    # the bend, across the stroke
+            t = np.linspace(0, 1, int(3 * length) + 2)[:, None]
+            curve = (1 - t) ** 2 * p0 + 2 * t * (1 - t) * p1 + t ** 2 * (p0 + d)   # (n, 2) points
+            reach = length / 2 + abs(bend) * length + half
+        top, left = max(int(cy - reach) - 1, 0), max(int(cx - reach) - 1, 0)
+        bottom, right = min(int(cy + reach) + 2, H), min(int(cx + reach) + 2, W)
+        if bottom <= top or right <= left:
+            continue
+        y, x = np.mgrid[top * k:bottom * k, left * k:right * k]
+        y, x = (y + 0.5) / k, (x + 0.5) / k                     # sub-pixel centres, in pixels
+        if spot:
             u = (y - cy) * math.cos(angle) + (x - cx) * math.sin(angle)
             v = (x - cx) * math.cos(angle) - (y - cy) * math.sin(angle)
-            M[y, x] |= (u / a) ** 2 + (v / b) ** 2 <= 1
-            M[min(int(cy), H - 1), min(int(cx), W - 1)] = True  # never empty
-        else:                                                   # a stroke: short, open, spur
-            M |= curves_mask(H, W, rng, lengths=(4 / 256, 18 / 256), count=(1, 2))
-    return M
+            inside = (u / a) ** 2 + (v / b) ** 2 <= 1
+        else:
+            near = np.full(y.shape, np.inf, np.float32)
+            for py, px in curve:                                # distance to the curve's points
+                near = np.minimum(near, (y - py) ** 2 + (x - px) ** 2)
+            inside = near <= half ** 2
+        cover = inside.reshape(bottom - top, k, right - left, k).mean((1, 3))
+        out[top:bottom, left:right] = np.maximum(out[top:bottom, left:right], cover)
+    return out
 
 
 def synthesize(image, fg_mask, rng, texture=None, beta_range=BETA_RANGE, threshold=PERLIN_THRESHOLD,
                details=False, shape="perlin", fill="blend"):
     """Eq. (9) on one normal image (HxWx3 float in [0, 1]) -> (S, M) float32 (M is HxW of 0/1).
     fg_mask: HxW bool or None (whole image). details=True returns (S, M, A, beta). shape: the mask M,
-    "perlin" (paper), "curves" (curves_mask), "mixed" (either, with equal chance) or "small" (small_mask).
+    "perlin" (paper), "curves" (curves_mask), "mixed" (either, with equal chance) or "small"
+    (small_mask: S uses its soft edges, M is where it reaches 0.5).
     fill: "blend" (Eq. 9, paper) or "invert": S = 1 - N inside M (A = 1 - N, beta = 0, no tiles; ours, for
     binarised images such as PCB scans, where a defect is the other material, never a grey blend)."""
     N = np.asarray(image, np.float32)
@@ -620,14 +645,15 @@ def synthesize(image, fg_mask, rng, texture=None, beta_range=BETA_RANGE, thresho
         raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
     if fill not in FILLS:
         raise ValueError(f"fill must be one of {FILLS}, got {fill!r}")
-    M = None
+    M = soft = None
     if shape == "small":
         for _ in range(10):
-            M = small_mask(H, W, rng) & F
+            soft = small_mask(H, W, rng) * F
+            M = soft >= 0.5
             if M.any():
                 break
         else:
-            M = None                                            # none landed on the foreground: Perlin
+            M = soft = None                                     # none landed on the foreground: Perlin
     elif shape == "curves" or (shape == "mixed" and rng.random() < 0.5):
         for _ in range(10):
             M = curves_mask(H, W, rng) & F
@@ -650,7 +676,7 @@ def synthesize(image, fg_mask, rng, texture=None, beta_range=BETA_RANGE, thresho
     else:
         A = shuffle_tiles(augment(N if texture is None else np.asarray(texture, np.float32), rng), rng)
         beta = float(rng.uniform(*beta_range))
-    m = M[..., None].astype(np.float32)
+    m = (M if soft is None else soft)[..., None].astype(np.float32)
     S = (beta * (m * N) + (1 - beta) * (m * A) + (1 - m) * N).astype(np.float32)   # Eq. (9)
     return (S, M.astype(np.float32), A, beta) if details else (S, M.astype(np.float32))
 

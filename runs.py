@@ -41,8 +41,9 @@ class RunOptions:
     change when a run is resumed except data and holdout, which define the training images."""
     data: str = opt("synthetic", "ROOT/CLASS (MVTec AD, VisA raw or 1cls, DAGM 2007), a plain folder of normal "
                     "images, or 'synthetic'; a whole benchmark ROOT trains and evaluates every class in turn")
-    test: str = opt("", "with a plain --data folder: a labelled test folder, good/ and one folder per defect type "
-                    "(masks, where there are any, in TEST/masks/<type>/<stem>.png or --test-masks)")
+    test: str = opt("", "a labelled test folder for a plain --data folder (or instead of a dataset's own test split): "
+                    "good/ and one folder per defect type; masks, where there are any, in TEST/masks/<type>/<stem>.png "
+                    "or --test-masks")
     test_masks: str = opt("", "masks of --test: a folder of <type>/<stem>.png or <type>/<stem>_mask.png (default: "
                           "TEST/masks)")
     out: str = opt("", "run folder (default runs/<dataset>-<class>; for a benchmark ROOT, runs/<root name>)")
@@ -456,13 +457,6 @@ class Run:
             normal, self.held_out = data.holdout_split(splits["train"], opts.holdout)
         except ValueError as e:
             raise SystemExit(f"{opts.data}: {e}")
-        if self.rank == 0:
-            try:
-                self.folder.mkdir(parents=True, exist_ok=True)
-                self.lock = lock_run(self.folder)
-                atomic_write(self.folder / "config.json", json.dumps({**asdict(cfg), **asdict(opts)}, indent=2))
-            except OSError as e:
-                raise SystemExit(f"{self.folder}: cannot write the run folder ({e.strerror}); pass a writable --out")
         self.trainset = make_trainset(cfg, opts, normal)
         self.per_batch = cfg.batch_size // 2  # items per rank and step; each gives one normal and one synthetic image
         self.steps_per_epoch = len(self.trainset) // (self.per_batch * self.world)
@@ -470,6 +464,13 @@ class Run:
             raise SystemExit(f"{opts.data}: {len(self.trainset)} training images, fewer than one batch of "
                              f"{self.per_batch * self.world}")
         self.total = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * self.steps_per_epoch
+        if self.rank == 0:  # last: a check that fails above leaves no lock held
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                self.lock = lock_run(self.folder)
+                atomic_write(self.folder / "config.json", json.dumps({**asdict(cfg), **asdict(opts)}, indent=2))
+            except OSError as e:
+                raise SystemExit(f"{self.folder}: cannot write the run folder ({e.strerror}); pass a writable --out")
 
     def __enter__(self):
         return self

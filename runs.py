@@ -554,13 +554,13 @@ class Run:
         n_params = sum(p.numel() for p in self.model.parameters())
         if self.device.type != "cpu" or n_params < min_params:
             return
-        side, B, g = self.cfg.crop or self.cfg.img_size, self.cfg.batch_size, torch.Generator().manual_seed(0)
-        x0, mask, probe = torch.rand(B, 3, side, side, generator=g), torch.zeros(B, 1, side, side), copy.deepcopy(self.model)
+        side, g = self.cfg.crop or self.cfg.img_size, torch.Generator().manual_seed(0)
+        x0, mask, probe = torch.rand(2, 3, side, side, generator=g), torch.zeros(2, 1, side, side), copy.deepcopy(self.model)
         t0 = time.time()
-        probe(x0, mask, B // 2, g)["total"].backward()
-        seconds = time.time() - t0
+        probe(x0, mask, 1, g)["total"].backward()  # 1 + 1 images, scaled to the batch below
+        seconds = (time.time() - t0) * self.cfg.batch_size / 2
         del probe
-        print(f"note: a {n_params / 1e6:.0f}M-parameter model on a CPU: one step took {seconds:.1f} s, so "
+        print(f"note: a {n_params / 1e6:.0f}M-parameter model on a CPU: one step takes about {seconds:.0f} s, so "
               f"{self.total - self.step} steps would take about {fmt_time(seconds * (self.total - self.step))}. "
               "To train on this machine, add --preset cpu (a 3M-parameter model, minutes). Continuing as asked.",
               flush=True)

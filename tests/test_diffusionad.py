@@ -741,6 +741,9 @@ def test_diagnostic_scripts_run_on_a_trained_model(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "docs" / "bn_gap.py"), ckpt, "--batches", "2"],
                          capture_output=True, text=True, check=True).stdout
     assert "first BatchNorm running var" in out and out.count("pixel AUROC") == 3
+    out = subprocess.run([sys.executable, str(ROOT / "docs" / "resize_check.py"), ckpt, "--n", "3", "--native", "128"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "drawn at the training size" in out and "drawn at 128 px, resized" in out and out.count("PRO") == 2
 
 
 # ---------------------------------------------------------------- the paper file stands alone

@@ -195,7 +195,7 @@ def test_a_cpu_user_of_a_large_model_is_told_before_the_first_step(tmp_path, cap
     monkeypatch.setattr(runs.Run, "warn_if_slow", lambda self: real(self, min_params=0))  # any model counts as large
     D.main(["train", "--data", "synthetic", "--out", str(tmp_path / "a")] + FLAGS)
     out = capsys.readouterr().out
-    note = out.index("note: a 0M-parameter model on a CPU: one step took")
+    note = out.index("note: a 0M-parameter model on a CPU: one step takes about")
     assert note < out.index("step 1/2") and "add --preset cpu" in out and "Continuing as asked" in out
     monkeypatch.undo()
     D.main(["train", "--data", "synthetic", "--out", str(tmp_path / "b")] + FLAGS)  # the same run, untold

@@ -9,6 +9,10 @@
 * DAGM 2007: ``ClassN/{Train,Test}/NNNN.PNG``, ``Label/Labels.txt`` (a header line, then
   ``id flag image 0 label-or-0``), ``Label/NNNN_label.PNG``. Train: Train images flagged 0; test: all Test.
 * ``synthetic`` (= ``synthetic/texture``) or ``synthetic/object``: made in memory (see SyntheticSet).
+* A plain folder (none of the above, no class folders below it): every image at any depth is a normal
+  training image; it has no test split of its own. ``labelled_folder(TEST)`` reads a labelled test folder:
+  ``TEST/good/*`` and ``TEST/<defect type>/*``, masks optional in ``TEST/masks/<type>/<stem>[_mask].png``.
+  ``holdout_split`` keeps a fixed slice of a training split out of training (for a decision threshold).
 
 Items are dicts: ``image`` float32 3xHxW in **[0, 1]** (the one pixel range; a model wanting [-1, 1]
 maps it itself), ``mask`` float32 1xHxW of 0/1, ``label`` 0/1, ``defect`` ("good" for good), ``path``.
@@ -19,7 +23,8 @@ file that is missing or unreadable is an error, never skipped. Datasets carry ``
 (class) and ``layout``.
 
 Synthesizer (``synthesize``, ``TrainSet``), Eq. 9: S = beta M N + (1 - beta) M A + (1 - M) N with beta
-uniform in ``BETA_RANGE`` = [0, 0.8). Item i of epoch e draws all its randomness from
+uniform in ``BETA_RANGE`` = [0, 0.8). Options of ours: masks of thin curves or small PCB-sized marks
+(``curves_mask``, ``small_mask``), and ``fill="invert"`` (S = 1 - N inside M, for binarised images). Item i of epoch e draws all its randomness from
 ``np.random.default_rng((seed, e, i))``, so batches do not depend on the number of workers.
 * M = Perlin mask x foreground F. Noise (about +-1) with 2^a x 2^b cells, a, b uniform in 0..5 (fewer
   below 256 px so that cells stay >= 8 px: 0..3 at 64), randomly rotated, > ``PERLIN_THRESHOLD`` = 0.5:

@@ -15,7 +15,7 @@ metrics in metrics.py. Deviations from the paper and the authors' code: README.m
 import math
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -577,8 +577,7 @@ def evaluate_cmd(a):
     import runs
     path, state, cfg, opts = runs.open_run(a, Config, channel_mult)
     out, maps_dir = runs.eval_output(a, opts, cfg, path)
-    test = runs.open_test(opts if not a.test else replace(opts, test=a.test, test_masks=a.test_masks),
-                          cfg.img_size, a.data)
+    test = runs.open_test(a, opts, cfg.img_size)
     problems = data.check_split(test)
     if problems:
         raise SystemExit(f"{a.test or a.data or opts.data}: {len(problems)} unreadable test file(s):\n  "

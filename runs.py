@@ -340,12 +340,13 @@ def open_run(a, config_cls, channel_mult):
 
 # ----------------------------------------------------------------------------- data
 
-def open_test(opts, img_size, path=None):
-    """The test split to evaluate on: --test for a plain folder, else the dataset's own."""
+def open_test(a, opts, img_size):
+    """eval's test split: its --test or --data, else the run's own (its --test, or its dataset's)."""
+    test, masks = (a.test, a.test_masks) if a.test or a.data else (opts.test, opts.test_masks)
     try:
-        if opts.test:
-            return data.labelled_folder(opts.test, img_size, opts.test_masks or None)
-        return data.open_dataset(path or opts.data, "test", img_size)
+        if test:
+            return data.labelled_folder(test, img_size, masks or None)
+        return data.open_dataset(a.data or opts.data, "test", img_size)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"{e}")
 

@@ -744,6 +744,12 @@ def test_diagnostic_scripts_run_on_a_trained_model(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "docs" / "resize_check.py"), ckpt, "--n", "3", "--native", "128"],
                          capture_output=True, text=True, check=True).stdout
     assert "drawn at the training size" in out and "drawn at 128 px, resized" in out and out.count("PRO") == 2
+    out = subprocess.run([sys.executable, str(ROOT / "docs" / "norm_guided.py"), ckpt, "--guide", "300", "--t", "100"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "Alg. 2 as trained (t = 100,200)" in out and "guided: t = 100 from the t = 300 estimate" in out
+    out = subprocess.run([sys.executable, str(ROOT / "docs" / "restoration_check.py"), ckpt, "--t", "100,300"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.count("defect pixels |x0_hat - x0|") == 2 and "(30 anomalous images)" in out
 
 
 # ---------------------------------------------------------------- the paper file stands alone

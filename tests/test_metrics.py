@@ -1,6 +1,7 @@
 """Tests for metrics.py: hand-computed PRO cases, limiting cases, agreement with scikit-learn and a
 brute-force PRO, invariance to increasing transforms, and every error message."""
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -287,3 +288,20 @@ def test_table_compares_each_class_and_the_mean_with_the_paper(tmp_path):
     assert [r[0] for r in dagm] == ["| Class8", "| Class9", "| mean"]
     assert dagm[1][-3:] == ["96.1", "+2.9", "100.0 (CFA) |"] and dagm[2][-3:] == ["98.0", "+0.0", "- |"]
     assert "Paper PRO" not in table(tmp_path / "dagm")[0]  # DAGM: image AUROC only
+
+
+def test_seeds_script_gives_mean_and_sample_std(tmp_path):
+    import json
+    import subprocess
+    import sys
+    for i, (auc, rel) in enumerate(((0.90, 0.05), (0.80, 0.01))):
+        (tmp_path / f"r{i}").mkdir()
+        (tmp_path / f"r{i}" / "metrics.json").write_text(json.dumps(
+            {"image_auroc": auc, "pixel_auroc": 0.5, "pixel_pro": None, "image_f1_max": 0.7, "train_seconds": 600,
+             "reliance": {"image_auroc": rel, "pixel_auroc": 0.0, "pixel_pro": None},
+             "restoration_psnr_good": {"100": 25.0, "200": 21.0 + i}}))
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "docs" / "seeds.py"),
+                          f"full={tmp_path / 'r0'},{tmp_path / 'r1'}"], capture_output=True, text=True, check=True).stdout
+    row = out.splitlines()[2].split(" | ")
+    assert row[:3] == ["| full", "2", "85.0 ± 7.1"] and row[4] == "-"          # std with n - 1; no PRO: "-"
+    assert row[6] == "3.0 ± 2.8" and row[9] == "t=100 25.0 ± 0.0, t=200 21.5 ± 0.7" and row[10] == "10.0 ± 0.0 |"

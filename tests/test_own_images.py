@@ -109,6 +109,10 @@ def test_a_labelled_test_folder_with_and_without_masks(tmp_path, capsys, masks):
     else:
         assert m["n_test_without_mask"] == 6 and m["pixel_auroc"] is None and m["pixel_pro"] is None
         assert "no masks for the anomalous test images: image metrics only" in out
+    D.main(["eval", "--run", str(tmp_path / "run"), "--eval-t", "100"])  # the run's own --test again
+    again = json.loads((tmp_path / "run" / "eval_ckpt_test_t100.json").read_text())
+    assert (again["n_test_good"], again["n_test_anomalous"], again["n_test_without_mask"]) == \
+        (3, 6, m["n_test_without_mask"]) and "flagged" not in again  # another t: the threshold does not apply
     with pytest.raises(SystemExit, match="is inside --data"):
         D.main(["train", "--data", str(tmp_path), "--test", str(test), "--out", str(tmp_path / "r2")] + FLAGS)
 

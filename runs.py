@@ -341,12 +341,14 @@ def open_run(a, config_cls, channel_mult):
 # ----------------------------------------------------------------------------- data
 
 def open_test(a, opts, img_size):
-    """eval's test split: its --test or --data, else the run's own (its --test, or its dataset's)."""
-    test, masks = (a.test, a.test_masks) if a.test or a.data else (opts.test, opts.test_masks)
+    """eval's test split: its --test or --data, else (or with a None) the run's own (its --test, or its
+    dataset's)."""
+    given = a is not None and (a.test or a.data)
+    test, masks = (a.test, a.test_masks) if given else (opts.test, opts.test_masks)
     try:
         if test:
             return data.labelled_folder(test, img_size, masks or None)
-        return data.open_dataset(a.data or opts.data, "test", img_size)
+        return data.open_dataset(a.data if given else opts.data, "test", img_size)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"{e}")
 

@@ -31,7 +31,7 @@ def main():
     a = p.parse_args()
     state, cfg, opts = runs.load_checkpoint(a.ckpt, D.Config)
     model = D.build_model(cfg, state).eval()
-    test = runs.open_test(argparse.Namespace(test="", test_masks="", data=None), opts, cfg.img_size)
+    test = runs.open_test(None, opts, cfg.img_size)
     items = [test[i] for i in range(len(test))]
     images = torch.stack([it["image"] for it in items])
     labels = np.array([it["label"] for it in items])

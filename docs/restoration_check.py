@@ -27,7 +27,7 @@ def main():
     a = p.parse_args()
     state, cfg, opts = runs.load_checkpoint(a.ckpt, D.Config)
     model = D.build_model(cfg, state).eval()
-    test = runs.open_test(argparse.Namespace(test="", test_masks="", data=None), opts, cfg.img_size)
+    test = runs.open_test(None, opts, cfg.img_size)
     items = [it for it in (test[i] for i in range(len(test))) if it["label"] == 1 and it.get("has_mask", True)]
     images = torch.stack([it["image"] for it in items])
     masks = torch.stack([it["mask"][0] for it in items]) > 0

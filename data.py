@@ -24,8 +24,9 @@ file that is missing or unreadable is an error, never skipped. Datasets carry ``
 
 Synthesizer (``synthesize``, ``TrainSet``), Eq. 9: S = beta M N + (1 - beta) M A + (1 - M) N with beta
 uniform in ``BETA_RANGE`` = [0, 0.8). Options of ours: masks of thin curves or small PCB-sized marks
-(``curves_mask``, ``small_mask``), and ``fill="invert"`` (S = 1 - N inside M, for binarised images). Item i of epoch e draws all its randomness from
-``np.random.default_rng((seed, e, i))``, so batches do not depend on the number of workers.
+(``curves_mask``, ``small_mask``), and ``fill="invert"`` (S = 1 - N inside M, for binarised images).
+Item i of epoch e draws all its randomness from ``np.random.default_rng((seed, e, i))``, so batches do
+not depend on the number of workers.
 * M = Perlin mask x foreground F. Noise (about +-1) with 2^a x 2^b cells, a, b uniform in 0..5 (fewer
   below 256 px so that cells stay >= 8 px: 0..3 at 64), randomly rotated, > ``PERLIN_THRESHOLD`` = 0.5:
   blobs cover ~5 % of the image. An empty M is redrawn; after 10 tries it is the top 10 % of noise in F.

@@ -580,7 +580,7 @@ def evaluate_cmd(a):
     test = runs.open_test(a, opts, cfg.img_size)
     problems = data.check_split(test)
     if problems:
-        raise SystemExit(f"{a.test or a.data or opts.data}: {len(problems)} unreadable test file(s):\n  "
+        raise SystemExit(f"{a.test or a.data or opts.test or opts.data}: {len(problems)} unreadable test file(s):\n  "
                          + "\n  ".join(problems[:10]))
     device = runs.pick_device(opts)
     model = trained_model(cfg, state, device).eval()

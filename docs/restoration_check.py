@@ -31,8 +31,8 @@ def main():
     items = [it for it in (test[i] for i in range(len(test))) if it["label"] == 1 and it.get("has_mask", True)]
     images = torch.stack([it["image"] for it in items])
     masks = torch.stack([it["mask"][0] for it in items]) > 0
+    eps = D.inference_noise(cfg.seed, 1, cfg.img_size)  # one draw, the same at every t
     for t in D.ints(a.t):
-        eps = D.inference_noise(cfg.seed, 1, cfg.img_size)
         diffs = []
         with torch.inference_mode():
             for i in range(0, len(images), opts.eval_batch):

@@ -23,23 +23,29 @@ file that is missing or unreadable is an error, never skipped. Datasets carry ``
 (class) and ``layout``.
 
 Synthesizer (``synthesize``, ``TrainSet``), Eq. 9: S = beta M N + (1 - beta) M A + (1 - M) N with beta
-uniform in ``BETA_RANGE`` = [0, 0.8). Options of ours: masks of thin curves or small PCB-sized marks
-(``curves_mask``, ``small_mask``), and ``fill="invert"`` (S = 1 - N inside M, for binarised images).
+uniform in ``BETA_RANGE`` = [0.2, 0.8) (the authors' code). A step's synthetic images are made from other
+normal images than its normal ones (``run_batches``). Options of ours: masks of thin curves or small PCB-sized
+marks (``curves_mask``, ``small_mask``), and ``fill="invert"`` (S = 1 - N inside M, for binarised images).
 Item i of epoch e draws all its randomness from ``np.random.default_rng((seed, e, i))``, so batches do
 not depend on the number of workers.
 * M = Perlin mask x foreground F. Noise (about +-1) with 2^a x 2^b cells, a, b uniform in 0..5 (fewer
   below 256 px so that cells stay >= 8 px: 0..3 at 64), randomly rotated, > ``PERLIN_THRESHOLD`` = 0.5:
   blobs cover ~5 % of the image. An empty M is redrawn; after 10 tries it is the top 10 % of noise in F.
-* F ("auto" resolves in this order): ``mask`` = files ``CLASS/foreground/<image stem>.*`` (non-zero)
-  when that folder exists; ``texture`` = a random rectangle (sides 50-100 % of the image) for MVTec's
-  carpet/grid/leather/tile/wood and DAGM; ``object`` for MVTec and VisA object classes = colour distance
-  to the median border colour > an Otsu threshold, opened and hole-filled; other classes: ``object`` if
-  on most of 8 sampled training images the border is uniform and this estimate covers 3-90 % of the
-  image, else ``texture``; ``none`` = the whole image. A missing or empty (< 0.5 %) F becomes the whole
-  image, with one warning. ``TrainSet(foreground=...)`` wins over ``open_dataset(foreground=...)``.
-* A: 2 distinct ops from {equalize, sharpness (amount 0.5-2), auto-contrast (cut-off 0-10 %), solarize
-  (threshold 32-128/255), posterize (1-4 bits), invert, gamma (0.5-2 per channel)} applied to the image
-  or to a random texture from ``texture_dir``, then cut into 8x8 tiles that are randomly permuted.
+* F, "auto" in this order: ``mask`` when the class has per-image foreground files: ours,
+  ``CLASS/foreground/<image stem>.*`` (non-zero), or the authors' published DIS masks of objects,
+  ``CLASS/DISthresh/good/<image stem>.*`` (>= 128 of 255); ``texture`` for texture classes (MVTec's
+  carpet, grid, leather, tile, wood and, as in the authors' code, zipper; DAGM): a random mask from the
+  authors' ``CLASS/thresh/`` (>= 128) when that folder exists, else a random rectangle (sides 50-100 % of
+  the image); ``object`` for the other MVTec and VisA classes (objects without mask files): an estimate,
+  the colour distance to the median border colour > an Otsu threshold, opened and hole-filled; any other
+  class: ``object`` if on most of 8 sampled training images the border is uniform and this estimate covers
+  3-90 % of the image, else ``texture``; ``none`` = the whole image. A missing or empty (< 0.5 %) F becomes
+  the whole image, with one warning. ``TrainSet(foreground=...)`` wins over ``open_dataset(foreground=...)``.
+* A: 2 distinct ops (the paper's) from {equalize, sharpness (amount 0.5-2), auto-contrast (cut-off 0-10 %),
+  solarize (threshold 32-128/255), posterize (1-4 bits), invert, gamma (0.5-2 per channel)} applied to the
+  anomaly source: with ``texture_dir`` (e.g. DTD) a random texture for texture foregrounds, and for the
+  others a texture or the image itself with equal chance (the authors' code); without, the image itself.
+  A self-augmented image is then cut into 8x8 tiles that are randomly permuted; a texture is not.
 
 CLI: ``python data.py preview --data PATH --out grid.png [--n 8 --img-size 256 --seed 0]`` writes rows
 N | A | M | S (M panel: white = anomaly mask, grey = foreground).
@@ -60,12 +66,12 @@ from scipy import ndimage
 from torch.utils.data import Dataset
 
 IMG_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
-TEXTURE_CLASSES = {"carpet", "grid", "leather", "tile", "wood"}
+TEXTURE_CLASSES = {"carpet", "grid", "leather", "tile", "wood", "zipper"}  # the authors' texture_list (zipper too)
 OBJECT_CLASSES = {"bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill", "screw", "toothbrush",
-                  "transistor", "zipper", "candle", "capsules", "cashew", "chewinggum", "fryum",
+                  "transistor", "candle", "capsules", "cashew", "chewinggum", "fryum",
                   "macaroni1", "macaroni2", "pcb1", "pcb2", "pcb3", "pcb4", "pipe_fryum"}
 FOREGROUNDS = ("auto", "mask", "texture", "object", "none")
-BETA_RANGE = (0.0, 0.8)
+BETA_RANGE = (0.2, 0.8)
 SHAPES = ("perlin", "curves", "mixed", "small")
 FILLS = ("blend", "invert")
 PERLIN_THRESHOLD = 0.5
@@ -102,6 +108,11 @@ def _rgb(im: Image.Image, size: int) -> np.ndarray:
 def _binary(im: Image.Image, size: int) -> np.ndarray:
     """Mask image -> float32 HxW of 0/1: non-zero at native resolution, then nearest resize."""
     return _nearest(_nonzero(im), size).astype(np.float32)
+
+
+def _half(im: Image.Image, size: int) -> np.ndarray:
+    """Bool HxW of a soft mask image (grey levels), where it reaches half its range (>= 128 of 255)."""
+    return np.asarray(im.convert("L").resize((size, size), Image.BILINEAR)) >= 128
 
 
 def _nonzero(im: Image.Image) -> np.ndarray:
@@ -247,8 +258,11 @@ class ImageDataset(Dataset):
     def __init__(self, records, img_size, root: Path, layout: str, foreground="auto"):
         self.records, self.img_size, self.root, self.layout = records, int(img_size), root, layout
         self.name, self.category, self.foreground = root.parent.name or "data", root.name, foreground
-        self.fg_dir = root / "foreground"
-        self.has_fg_masks = self.fg_dir.is_dir()
+        # foreground masks per image: ours (CLASS/foreground/<stem>.*), else the authors' DIS masks of objects
+        # (CLASS/DISthresh/good/<stem>.*); texture classes: the authors' random parts (CLASS/thresh/*)
+        self.fg_dir = next((d for d in (root / "foreground", root / "DISthresh" / "good") if d.is_dir()), None)
+        self.has_fg_masks = self.fg_dir is not None
+        self.thresh = _images(root / "thresh")
         cls = root.name.lower()
         self.fg_kind = ("mask" if self.has_fg_masks else "texture" if layout == "dagm" or cls in TEXTURE_CLASSES
                         else "object" if cls in OBJECT_CLASSES else None)
@@ -272,10 +286,18 @@ class ImageDataset(Dataset):
                 "has_mask": mpath is not None or label == 0}
 
     def foreground_mask(self, i):
-        """Bool HxW from ``CLASS/foreground/<stem>.*``, or None when there is no such file."""
+        """Bool HxW from ``CLASS/foreground/<stem>.*`` (non-zero) or ``CLASS/DISthresh/good/<stem>.*`` (the
+        authors' soft DIS masks, at least half their range), or None when there is no such file."""
         stem = Path(self.records[i][0]).stem
-        files = [p for p in sorted(self.fg_dir.glob(stem + ".*")) if p.suffix.lower() in IMG_EXTS]
-        return _binary(_open(files[0]), self.img_size) > 0 if files else None
+        files = [p for p in sorted(self.fg_dir.glob(stem + ".*")) if p.suffix.lower() in IMG_EXTS] if self.fg_dir else []
+        if not files:
+            return None
+        return _binary(_open(files[0]), self.img_size) > 0 if self.fg_dir.name == "foreground" else \
+            _half(_open(files[0]), self.img_size)
+
+    def texture_part(self, rng):
+        """A random mask of the authors' CLASS/thresh/ (at least half its range), or None when there is none."""
+        return _half(_open(self.thresh[int(rng.integers(len(self.thresh)))]), self.img_size) if self.thresh else None
 
 
 def _mvtec(root: Path, split: str):
@@ -641,7 +663,9 @@ def synthesize(image, fg_mask, rng, texture=None, beta_range=BETA_RANGE, thresho
     "perlin" (paper), "curves" (curves_mask), "mixed" (either, with equal chance) or "small"
     (small_mask: S uses its soft edges, M is where it reaches 0.5).
     fill: "blend" (Eq. 9, paper) or "invert": S = 1 - N inside M (A = 1 - N, beta = 0, no tiles; ours, for
-    binarised images such as PCB scans, where a defect is the other material, never a grey blend)."""
+    binarised images such as PCB scans, where a defect is the other material, never a grey blend).
+    texture: an anomaly source image (HxWx3, e.g. from DTD), augmented; None: self-augmentation, N augmented and
+    cut into shuffled tiles (the authors shuffle only the self-augmented source, never DTD's)."""
     N = np.asarray(image, np.float32)
     H, W = N.shape[:2]
     F = np.ones((H, W), bool) if fg_mask is None else np.asarray(fg_mask, bool)
@@ -680,7 +704,7 @@ def synthesize(image, fg_mask, rng, texture=None, beta_range=BETA_RANGE, thresho
     if fill == "invert":
         A, beta = 1 - N, 0.0
     else:
-        A = shuffle_tiles(augment(N if texture is None else np.asarray(texture, np.float32), rng), rng)
+        A = shuffle_tiles(augment(N, rng), rng) if texture is None else augment(np.asarray(texture, np.float32), rng)
         beta = float(rng.uniform(*beta_range))
     m = (M if soft is None else soft)[..., None].astype(np.float32)
     S = (beta * (m * N) + (1 - beta) * (m * A) + (1 - m) * N).astype(np.float32)   # Eq. (9)
@@ -710,10 +734,14 @@ def estimate_foreground(img: np.ndarray) -> tuple[np.ndarray, bool]:
 
 
 class TrainSet(Dataset):
-    """Item i: the normal image N and a synthetic anomaly S made from it, with mask M (Sec. 3.3); a
-    DataLoader batch of B items is B normal + B synthetic images (the paper's 3 + 3 = 6). normal: a train
-    split from open_dataset; foreground: one of FOREGROUNDS ("auto": the dataset's choice); texture_dir:
-    optional folder (searched recursively) of anomaly source textures, e.g. DTD. Call set_epoch(e)."""
+    """Alg. 1's images (Sec. 3.3). Key (epoch, i, synthetic): normal image i as it is, or a synthetic anomaly S
+    made from it, each a dict of ``image`` (3xHxW), ``mask`` (1xHxW, zero for a normal image), ``source`` (the
+    anomaly-free image: N itself for both) and ``path``. run_batches makes a step of B images from B distinct
+    normal images, the first B/2 as they are, the others synthetic (the paper's 3 + 3 = 6; the authors' code
+    draws every training sample independently). A plain index i is (the set epoch, i, synthetic). normal: a train
+    split from open_dataset; foreground: one of FOREGROUNDS ("auto": the dataset's choice); texture_dir: optional
+    folder (searched recursively) of anomaly source textures, e.g. DTD: texture classes take their anomaly source
+    from it always, others half of the time and self-augmentation otherwise (the authors' code). Call set_epoch(e)."""
 
     def __init__(self, normal, seed=0, texture_dir=None, foreground="auto", beta_range=BETA_RANGE,
                  threshold=PERLIN_THRESHOLD, shape="perlin", fill="blend"):
@@ -757,6 +785,10 @@ class TrainSet(Dataset):
 
     def _fg(self, i, N, rng):
         H, W = N.shape[:2]
+        parts = getattr(self.normal, "texture_part", None) if self.foreground == "texture" else None
+        part = parts(rng) if parts else None
+        if part is not None and part.mean() >= 0.005:           # the authors' random parts (CLASS/thresh/)
+            return part
         if self.foreground == "texture":                        # a random rectangular part
             h, w = int(rng.integers(H // 2, H + 1)), int(rng.integers(W // 2, W + 1))
             y, x = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
@@ -781,18 +813,23 @@ class TrainSet(Dataset):
         item = self.normal[i]
         N = item["image"].numpy().transpose(1, 2, 0)
         F = self._fg(i, N, rng)
-        tex = _rgb(_open(self.textures[rng.integers(len(self.textures))]), N.shape[0]) if self.textures else None
+        dtd = self.textures and (self.foreground == "texture" or rng.random() < 0.5)  # textures: DTD; objects: 50/50
+        tex = _rgb(_open(self.textures[rng.integers(len(self.textures))]), N.shape[0]) if dtd else None
         S, M, A, beta = synthesize(N, F, rng, tex, self.beta_range, self.threshold, details=True, shape=self.shape,
                                    fill=self.fill)
         return {"image": N, "anomaly": A, "foreground": F, "mask": M, "synthetic": S, "beta": beta,
                 "path": item["path"]}
 
     def __getitem__(self, key):
-        """key: an index (of the epoch set by set_epoch) or an (epoch, index) pair."""
-        epoch, i = key if isinstance(key, tuple) else (None, key)
+        """key: (epoch, index, synthetic), or an index: the synthetic image of the epoch set by set_epoch."""
+        epoch, i, synthetic = key if isinstance(key, tuple) else (None, key, True)
+        if not synthetic:
+            item = self.normal[int(i)]
+            return {"image": item["image"], "mask": torch.zeros_like(item["image"][:1]), "source": item["image"],
+                    "path": item["path"]}
         p = self.sample(i, epoch)
-        return {"image": _chw(p["image"]), "synthetic": _chw(p["synthetic"]),
-                "synthetic_mask": torch.from_numpy(p["mask"][None].copy()), "path": p["path"]}
+        return {"image": _chw(p["synthetic"]), "mask": torch.from_numpy(p["mask"][None].copy()),
+                "source": _chw(p["image"]), "path": p["path"]}
 
 
 # ----------------------------------------------------------------------------- training batches
@@ -803,24 +840,32 @@ def epoch_batches(n_items, per_batch, seed, epoch):
     return torch.randperm(n_items, generator=g)[: steps * per_batch].view(steps, per_batch).tolist()
 
 
+def step_keys(indices, epoch):
+    """TrainSet keys of one step's distinct images: the first half as they are, the second half synthetic."""
+    half = len(indices) // 2
+    return [(epoch, i, False) for i in indices[:half]] + [(epoch, i, True) for i in indices[half:]]
+
+
 def run_batches(n_items, per_batch, seed, start, total, rank=0, world=1):
-    """TrainSet keys (epoch, index) of this rank's share of every step from `start` to `total`: each epoch's
-    permutation is cut into global batches of per_batch * world items and rank r takes the r-th part. One
-    pass feeds the whole run, so DataLoader workers live as long as the run."""
+    """TrainSet keys of this rank's share of every step from `start` to `total`: each epoch's permutation is cut
+    into global batches of per_batch * world images (every normal image once per epoch) and rank r takes the
+    r-th part, half normal, half synthetic (step_keys). One pass feeds the whole run, so DataLoader workers live
+    as long as the run."""
     steps_per_epoch = n_items // (per_batch * world)
     batches = None
     for step in range(start, total):
         epoch, k = divmod(step, steps_per_epoch)
         if batches is None or k == 0:
             batches = epoch_batches(n_items, per_batch * world, seed, epoch)
-        yield [(epoch, i) for i in batches[k][rank * per_batch:(rank + 1) * per_batch]]
+        yield step_keys(batches[k][rank * per_batch:(rank + 1) * per_batch], epoch)
 
 
-def random_crops(x0, mask, side, generator):
+def random_crops(x0, mask, side, generator, *also):
     """One side x side window per image: uniform for normal images; for synthetic ones placed so that it
-    contains a random anomalous pixel, so that a crop rarely misses the anomaly it was made for."""
+    contains a random anomalous pixel, so that a crop rarely misses the anomaly it was made for. Tensors in
+    `also` (B,C,H,W) are cropped at the same windows (e.g. the anomaly-free image under each)."""
     H, W = x0.shape[-2:]
-    xs, ms = [], []
+    xs, ms, boxes = [], [], []
     for img, m in zip(x0, mask):
         r = torch.rand(3, generator=generator).tolist()
         where = m[0].nonzero()
@@ -832,7 +877,9 @@ def random_crops(x0, mask, side, generator):
         top, left = min(max(top, 0), H - side), min(max(left, 0), W - side)
         xs.append(img[:, top:top + side, left:left + side])
         ms.append(m[:, top:top + side, left:left + side])
-    return torch.stack(xs), torch.stack(ms)
+        boxes.append((top, left))
+    same = [torch.stack([a[:, y:y + side, x:x + side] for a, (y, x) in zip(t, boxes)]) for t in also]
+    return (torch.stack(xs), torch.stack(ms), *same)
 
 
 

@@ -33,41 +33,46 @@ def arg(default, help):
 
 @dataclass
 class Config:
-    """The method. Every field is a flag (`img_size` -> `--img-size`); defaults are the paper's (Sec. 4.2).
-    How a run is done (data, device, run folder...) is runs.RunOptions."""
+    """The method. Every field is a flag (`img_size` -> `--img-size`); defaults are the paper's (Sec. 4.2), and the
+    authors' released code where the paper is silent. How a run is done (data, device, run folder...) is
+    runs.RunOptions."""
     img_size: int = arg(256, "image side, Sec. 4.2")
     crop: int = arg(0, "if > 0, train on crops of this side that keep part of the anomaly; eval whole images (ours)")
     pixel_range: str = arg("0,1", "range fed to the networks, '0,1' or '-1,1' (authors' code: 0,1)")
-    foreground: str = arg("auto", "synthesis foreground: auto|object|texture|none (data.py, Sec. 3.3)")
-    texture_dir: str = arg("", "anomaly source textures such as DTD; empty = self-augmentation (Sec. 3.3)")
+    clamp: str = arg("-1,1", "x0_hat's range before the seg net (authors' code: -1,1 on images in 0,1; ours: 0,1)")
+    foreground: str = arg("auto", "synthesis foreground: auto|mask|object|texture|none (data.py, Sec. 3.3)")
+    texture_dir: str = arg("", "anomaly source textures such as DTD (Sec. 3.3): textures use them alone, objects half "
+                           "the time, self-augmentation otherwise (authors' code); empty = self-augmentation")
     anomaly_shape: str = arg("perlin", "synthetic anomaly masks: perlin (paper) | curves (thin scratch-like "
                              "strokes) | mixed (half each) | small (PCB-sized spots and strokes) (ours; data.py)")
     anomaly_fill: str = arg("blend", "synthetic anomaly content: blend (Eq. 9, paper) | invert (1 - N inside the mask: "
                             "the other material of a binarised image such as a PCB scan; ours)")
-    timesteps: int = arg(1000, "T, Sec. 4.2")
-    train_t: int = arg(0, "Alg. 1 draws t ~ U{1..train_t}; 0 = T (paper; the authors' later code: < 300)")
-    beta_start: float = arg(1e-4, "linear schedule start, DDPM / authors' code (paper text: 1e-2)")
-    beta_end: float = arg(0.02, "linear schedule end, Sec. 4.2")
-    base_channels: int = arg(128, "denoiser width, Sec. 4.2")
+    timesteps: int = arg(1000, "T, Sec. 4.2; time steps t = 0..T-1 (Eq. 2, authors' code)")
+    train_t: int = arg(0, "Alg. 1 draws t ~ U{0..train_t-1}; 0 = T (paper; the authors' later code: < 300)")
+    beta_schedule: str = arg("linear", "linear (Eq. 1, paper) | cosine (in the authors' code; for imported models)")
+    beta_start: float = arg(1e-4, "beta_0 of the linear schedule, Sec. 4.2")
+    beta_end: float = arg(0.02, "beta_{T-1} of the linear schedule: 0.02 as DDPM and the authors' code (paper text: 1e-2)")
+    base_channels: int = arg(128, "denoiser width, Sec. 4.2 (--ablation ae: the autoencoder's, DRAEM: 128)")
     channel_mult: str = arg("", "denoiser level multipliers; empty = by size, 1,1,2,2,4,4 at 256 (authors' code)")
     num_res_blocks: int = arg(2, "residual blocks per level (authors' code)")
     attn_resolutions: str = arg("32,16,8", "self-attention resolutions, Sec. 4.2 (and the middle block); '' = no "
                                 "attention, a fully convolutional denoiser (ours: for --crop training)")
     num_heads: int = arg(4, "attention heads, Sec. 4.2")
+    num_head_channels: int = arg(-1, "if > 0, channels per attention head instead of --num-heads (authors' code)")
     dropout: float = arg(0.0, "denoiser dropout (authors' code)")
-    seg_channels: int = arg(64, "segmentation net base width (DRAEM's discriminative net)")
+    seg_channels: int = arg(64, "segmentation net base width (DRAEM's discriminative net, the authors' code)")
     gamma: float = arg(5.0, "focal-loss weight in L_mask, Eq. 7 / Sec. 4.2")
-    batch_size: int = arg(6, "images per step, half normal half synthetic: 3 + 3, Sec. 4.2")
+    batch_size: int = arg(6, "images per step, half normal, half synthetic from other normal images: 3 + 3, Sec. 4.2")
     lr: float = arg(1e-4, "Adam learning rate, one optimizer over both networks, Sec. 4.2")
     lr_schedule: str = arg("constant", "constant (paper) | cosine: decay to 0 at the last step of "
                              "max_steps/epochs (ours; a resume with more steps stretches the decay)")
     seg_grad: str = arg("full", "the mask loss's gradient into the denoiser through Eq. 5: full (paper) | none (ours)")
     denoiser_warmup: int = arg(0, "the first N steps train the denoiser alone (L_noise), then Eq. 8's joint loss (ours)")
-    epochs: int = arg(500, "training epochs, Sec. 4.2")
+    epochs: int = arg(500, "training epochs (each normal image once per epoch, as a normal or a synthetic one), Sec. 4.2")
     max_steps: int = arg(0, "if > 0, train this many steps instead of `epochs` (ours, for CPU budgets)")
     eval_t: str = arg("100,200", "inference time steps whose maps are averaged, Sec. 4.2 / Table 4")
     top_k: int = arg(50, "image score = mean of the top-K map values, Sec. 3.4")
-    ablation: str = arg("none", "Table 3: none | seg-only | ae (DRAEM+) | denoise-only")
+    ablation: str = arg("none", "Table 3: none | seg-only | ae (DRAEM+: DRAEM's autoencoder, L2 + SSIM) | denoise-only")
     seed: int = arg(0, "seed for weights, batches, training noise and evaluation noise")
 
 
@@ -87,9 +92,16 @@ def from_model(x, cfg):
 
 
 def make_schedule(cfg):
-    """Linear betas in float64, stored as float32; index t is the paper's t, with alpha_bar_0 = 1."""
-    betas = torch.linspace(cfg.beta_start, cfg.beta_end, cfg.timesteps, dtype=torch.float64)  # Eq. (1)
-    alphas_bar = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1.0 - betas, 0)])
+    """alpha_bar_t = prod_{i=0}^{t} (1 - beta_i) for t = 0..T-1, as the paper writes it and the authors' code
+    indexes it (t = 0 is one step of noise; the network receives this t). In float64, stored as float32 (T,)."""
+    T = cfg.timesteps
+    if cfg.beta_schedule == "linear":
+        betas = torch.linspace(cfg.beta_start, cfg.beta_end, T, dtype=torch.float64)  # Eq. (1)
+    else:  # cosine: alpha_bar follows cos^2 (Nichol & Dhariwal 2021), each beta at most 0.999
+        f = lambda s: torch.cos((s / T + 0.008) / 1.008 * math.pi / 2) ** 2
+        s = torch.arange(T, dtype=torch.float64)
+        betas = (1 - f(s + 1) / f(s)).clamp(max=0.999)
+    alphas_bar = torch.cumprod(1.0 - betas, 0)  # Eq. (2)
     return alphas_bar.sqrt().float(), (1.0 - alphas_bar).sqrt().float()
 
 
@@ -99,17 +111,20 @@ def extract(a, t):
 
 
 # ----------------------------------------------------------------------------- denoiser eps_theta(x_t, t)
+# The authors' UNetModel (guided diffusion's UNet as AnoDDPM uses it), module for module: state_dict keys and
+# shapes are theirs, so their checkpoints load as they are (import-authors).
 
 def channel_mult(cfg):
     if cfg.channel_mult:
         return ints(cfg.channel_mult)
-    by_size = {256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4), 32: (1, 2, 2, 2)}  # authors' code
+    by_size = {256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4), 32: (1, 2, 3, 4)}  # authors' code
     if cfg.img_size not in by_size:
         raise ValueError(f"no default --channel-mult for --img-size {cfg.img_size}; pass one, e.g. 1,2,2,4")
     return by_size[cfg.img_size]
 
 
 def norm(ch):
+    """GroupNorm with 32 groups (authors' code); fewer when the width is not a multiple of 32 (ours: small models)."""
     return nn.GroupNorm(math.gcd(32, ch), ch)
 
 
@@ -119,106 +134,115 @@ def zero(module):
     return module
 
 
-def timestep_embedding(t, dim):
-    """Sinusoidal embedding of integer steps t (B,) -> (B, dim)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+class TimeEmbedding(nn.Module):
+    """Sinusoidal embedding of integer steps t (B,) -> (B, dim): sines, then cosines."""
+    def __init__(self, dim):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, t):
+        half = self.dim // 2
+        freqs = torch.exp(torch.arange(half, device=t.device) * (-math.log(10000) / half))
+        args = t.float()[:, None] * freqs[None]
+        return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+
+
+def resample(x, how):
+    """BigGAN-style resampling without a convolution: nearest-neighbour x2 up, 2x2 average pooling down."""
+    return F.interpolate(x, scale_factor=2.0, mode="nearest") if how == "up" else F.avg_pool2d(x, 2)
 
 
 class ResBlock(nn.Module):
-    def __init__(self, cin, cout, emb_dim, dropout):
+    """norm-SiLU-conv, + the time embedding, norm-SiLU-dropout-conv (zero-initialised), + skip. how="up"/"down":
+    both paths are resampled between the first SiLU and the first convolution."""
+    def __init__(self, cin, cout, emb_dim, dropout, how=None):
         super().__init__()
+        self.how = how
         self.in_layers = nn.Sequential(norm(cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1))
-        self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, cout))
+        self.embed_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, cout))
         self.out_layers = nn.Sequential(norm(cout), nn.SiLU(), nn.Dropout(dropout),
                                         zero(nn.Conv2d(cout, cout, 3, padding=1)))
-        self.skip = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
+        self.skip_connection = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
 
     def forward(self, x, emb):
-        h = self.in_layers(x) + self.emb(emb)[:, :, None, None]  # time step added in every block
-        return self.skip(x) + self.out_layers(h)
+        h = self.in_layers[1](self.in_layers[0](x))
+        if self.how:
+            h, x = resample(h, self.how), resample(x, self.how)
+        h = self.in_layers[2](h) + self.embed_layers(emb)[:, :, None, None]  # time step added in every block
+        return self.skip_connection(x) + self.out_layers(h)
 
 
 class Attention(nn.Module):
+    """Self-attention over positions: norm, 1x1 conv to q, k, v (each head's in turn), softmax(q k^T / sqrt(d)) v,
+    a zero-initialised 1x1 output projection, residual."""
     def __init__(self, ch, heads):
         super().__init__()
         self.heads, self.norm = heads, norm(ch)
-        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
-        self.proj = zero(nn.Conv2d(ch, ch, 1))
+        self.to_qkv = nn.Conv1d(ch, 3 * ch, 1)
+        self.proj_out = zero(nn.Conv1d(ch, ch, 1))
 
     def forward(self, x):
         B, C, H, W = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W)
-        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (B, heads, HW, C/heads)
+        x = x.reshape(B, C, H * W)
+        qkv = self.to_qkv(self.norm(x)).reshape(B, self.heads, 3, C // self.heads, H * W)
+        q, k, v = qkv.transpose(-1, -2).unbind(2)  # each (B, heads, HW, C/heads)
         h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, C/heads)
-        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
-
-
-class Resample(nn.Module):
-    def __init__(self, ch, up):
-        super().__init__()
-        self.up = up
-        self.conv = nn.Conv2d(ch, ch, 3, stride=1 if up else 2, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest") if self.up else x)
+        return (x + self.proj_out(h.transpose(-1, -2).reshape(B, C, H * W))).reshape(B, C, H, W)
 
 
 class Step(nn.Module):
     """One UNet stage: layers applied in order, residual blocks also receive the time embedding."""
     def __init__(self, *layers):
         super().__init__()
-        self.layers = nn.ModuleList(layers)
+        for i, layer in enumerate(layers):
+            self.add_module(str(i), layer)
 
     def forward(self, x, emb):
-        for layer in self.layers:
+        for layer in self.children():
             x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
         return x
 
 
 class DenoisingUNet(nn.Module):
-    """Guided-diffusion-style UNet: (B,3,H,W), (B,) -> (B,3,H,W)."""
+    """(B,3,H,W), (B,) -> predicted noise (B,3,H,W). Per level: num_res_blocks residual blocks (with attention at
+    attn_resolutions), then a downsampling residual block; the middle: block, attention, block; the way up mirrors
+    it with one block more per level, each fed the matching skip, and an upsampling residual block."""
     def __init__(self, cfg):
         super().__init__()
         ch, mult, attn = cfg.base_channels, channel_mult(cfg), set(ints(cfg.attn_resolutions))
-        block = lambda cin, cout: ResBlock(cin, cout, 4 * ch, cfg.dropout)
-        self.base = ch
-        self.time_embed = nn.Sequential(nn.Linear(ch, 4 * ch), nn.SiLU(), nn.Linear(4 * ch, 4 * ch))
-        self.inp = nn.Conv2d(3, ch, 3, padding=1)
-        self.down, skips, cur, res = nn.ModuleList(), [ch], ch, cfg.img_size
+        block = lambda cin, cout, how=None: ResBlock(cin, cout, 4 * ch, cfg.dropout, how)
+        attention = lambda c: Attention(c, c // cfg.num_head_channels if cfg.num_head_channels > 0 else cfg.num_heads)
+        self.time_embedding = nn.Sequential(TimeEmbedding(ch), nn.Linear(ch, 4 * ch), nn.SiLU(), nn.Linear(4 * ch, 4 * ch))
+        self.down, skips, cur, res = nn.ModuleList([Step(nn.Conv2d(3, ch, 3, padding=1))]), [ch], ch, cfg.img_size
         for level, m in enumerate(mult):
             for _ in range(cfg.num_res_blocks):
-                layers = [block(cur, m * ch)] + ([Attention(m * ch, cfg.num_heads)] if res in attn else [])
-                self.down.append(Step(*layers))
+                self.down.append(Step(block(cur, m * ch), *([attention(m * ch)] if res in attn else [])))
                 cur = m * ch
                 skips.append(cur)
             if level < len(mult) - 1:
-                self.down.append(Step(Resample(cur, up=False)))
+                self.down.append(Step(block(cur, cur, "down")))
                 skips.append(cur)
                 res //= 2
-        mid_attn = [Attention(cur, cfg.num_heads)] if attn else []  # none: fully convolutional (ours, for --crop)
-        self.mid = Step(block(cur, cur), *mid_attn, block(cur, cur))
+        mid_attn = [attention(cur)] if attn else []  # none: fully convolutional (ours, for --crop)
+        self.middle = Step(block(cur, cur), *mid_attn, block(cur, cur))
         self.up = nn.ModuleList()
         for level, m in reversed(list(enumerate(mult))):
             for i in range(cfg.num_res_blocks + 1):
-                layers = [block(cur + skips.pop(), m * ch)] + ([Attention(m * ch, cfg.num_heads)] if res in attn else [])
+                layers = [block(cur + skips.pop(), m * ch)] + ([attention(m * ch)] if res in attn else [])
                 cur = m * ch
                 if level > 0 and i == cfg.num_res_blocks:
-                    layers.append(Resample(cur, up=True))
+                    layers.append(block(cur, cur, "up"))
                     res *= 2
                 self.up.append(Step(*layers))
         self.out = nn.Sequential(norm(cur), nn.SiLU(), zero(nn.Conv2d(cur, 3, 3, padding=1)))
 
     def forward(self, x, t):
-        emb = self.time_embed(timestep_embedding(t, self.base))  # (B, 4*base)
-        h, hs = self.inp(x), []
-        hs.append(h)
+        emb = self.time_embedding(t)  # (B, 4*base)
+        h, hs = x, []
         for step in self.down:
             h = step(h, emb)
             hs.append(h)
-        h = self.mid(h, emb)
+        h = self.middle(h, emb)
         for step in self.up:
             h = step(torch.cat([h, hs.pop()], dim=1), emb)
         return self.out(h)
@@ -227,20 +251,24 @@ class DenoisingUNet(nn.Module):
 # ----------------------------------------------------------------------------- segmentation sub-network
 
 def cbr(cin, cout):
-    """3x3 convolution, BatchNorm, ReLU."""
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    """3x3 convolution, BatchNorm, ReLU (as a list, to splice into a Sequential)."""
+    return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
 class SegmentationUNet(nn.Module):
-    """DRAEM-style discriminative U-Net: cat(x0, x0_hat) (B,6,H,W) -> mask logits (B,1,H,W)."""
-    def __init__(self, in_ch, base, depth=6):
+    """DRAEM's discriminative sub-network, as the authors use it: cat(x0, x0_hat) (B,6,H,W) -> mask logits (B,1,H,W).
+    6 encoder levels of two conv-BN-ReLU (w, 2w, 4w, 8w, 8w, 8w), max-pooled between; 5 decoder levels of a bilinear
+    x2 upsampling with conv-BN-ReLU to 8w, 4w, 2w, w, w, the skip concatenated, two conv-BN-ReLU; a 3x3 conv to 1."""
+    def __init__(self, in_ch, base):
         super().__init__()
-        w = [base * min(2 ** i, 8) for i in range(depth)]  # 64, 128, 256, 512, 512, 512 at base 64
-        self.enc = nn.ModuleList(nn.Sequential(cbr(in_ch if i == 0 else w[i - 1], w[i]), cbr(w[i], w[i]))
-                                 for i in range(depth))
+        enc = [base * min(2 ** i, 8) for i in range(6)]  # 64, 128, 256, 512, 512, 512 at base 64
+        dec = [enc[max(i - 1, 0)] for i in range(5)] + [enc[5]]  # 64, 64, 128, 256, 512 (+ the bottleneck's 512)
+        self.enc = nn.ModuleList(nn.Sequential(*cbr(in_ch if i == 0 else enc[i - 1], enc[i]), *cbr(enc[i], enc[i]))
+                                 for i in range(6))
         self.up = nn.ModuleList(nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
-                                              cbr(w[i + 1], w[i])) for i in reversed(range(depth - 1)))
-        self.dec = nn.ModuleList(nn.Sequential(cbr(2 * w[i], w[i]), cbr(w[i], w[i])) for i in reversed(range(depth - 1)))
+                                              *cbr(dec[i + 1], dec[i])) for i in reversed(range(5)))
+        self.dec = nn.ModuleList(nn.Sequential(*cbr(dec[i] + enc[i], dec[i]), *cbr(dec[i], dec[i]))
+                                 for i in reversed(range(5)))
         self.out = nn.Conv2d(base, 1, 3, padding=1)
 
     def forward(self, x):
@@ -254,12 +282,48 @@ class SegmentationUNet(nn.Module):
         return self.out(x)
 
 
+class Autoencoder(nn.Module):
+    """DRAEM's reconstructive sub-network, for DRAEM+ (Table 3), no skip connections: 5 encoder levels of two
+    conv-BN-ReLU (w, 2w, 4w, 8w, 8w), max-pooled between; 4 decoder levels of a bilinear x2 upsampling with
+    conv-BN-ReLU, then two conv-BN-ReLU, the second narrowing (8w->4w->2w->w->w); a 3x3 convolution to 3 channels."""
+    def __init__(self, base):
+        super().__init__()
+        enc = [base * min(2 ** i, 8) for i in range(5)]  # 128, 256, 512, 1024, 1024 at base 128
+        wide, narrow = enc[3::-1], enc[2::-1] + [base]  # 1024, 512, 256, 128 -> 512, 256, 128, 128
+        self.enc = nn.ModuleList(nn.Sequential(*cbr(3 if i == 0 else enc[i - 1], enc[i]), *cbr(enc[i], enc[i]))
+                                 for i in range(5))
+        self.up = nn.ModuleList(nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
+                                              *cbr(w, w)) for w in wide)
+        self.dec = nn.ModuleList(nn.Sequential(*cbr(w, w), *cbr(w, n)) for w, n in zip(wide, narrow))
+        self.out = nn.Conv2d(base, 3, 3, padding=1)
+
+    def forward(self, x):
+        for i, block in enumerate(self.enc):
+            x = block(x if i == 0 else F.max_pool2d(x, 2))
+        for up, dec in zip(self.up, self.dec):
+            x = dec(up(x))
+        return self.out(x)
+
+
 # ----------------------------------------------------------------------------- the model and its losses
 
-def focal_loss(logits, target, focusing=2.0):
-    """Binary focal loss from logits: mean of (1 - p_t)^2 * -log(p_t)."""
+def focal_loss(logits, target, alpha=0.5, focusing=4.0):
+    """Binary focal loss from logits, the authors' constants: mean of alpha * (1 - p_t)^4 * -log(p_t)."""
     ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")  # -log p_t
-    return ((1.0 - torch.exp(-ce)) ** focusing * ce).mean()
+    return (alpha * (1.0 - torch.exp(-ce)) ** focusing * ce).mean()
+
+
+def ssim_loss(x, y, data_range):
+    """1 - SSIM (Wang et al. 2004) as DRAEM trains its autoencoder with it: an 11x11 Gaussian window (sigma 1.5) per
+    channel, zero padding, C1 = (0.01 L)^2, C2 = (0.03 L)^2 for the data range L, the mean over all pixels."""
+    g = torch.exp(-(torch.arange(11, dtype=x.dtype, device=x.device) - 5) ** 2 / (2 * 1.5 ** 2))
+    w = (g[:, None] * g[None, :] / g.sum() ** 2).expand(x.shape[1], 1, 11, 11)
+    blur = lambda z: F.conv2d(z, w, padding=5, groups=x.shape[1])
+    mx, my = blur(x), blur(y)
+    vx, vy, cov = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    ssim = (2 * mx * my + c1) * (2 * cov + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return 1.0 - ssim.mean()
 
 
 class DiffusionAD(nn.Module):
@@ -267,8 +331,9 @@ class DiffusionAD(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg, self.ablation = cfg, cfg.ablation
-        self.pixel_range = (to_model(0.0, cfg), to_model(1.0, cfg))  # the image range the networks see
-        self.denoiser = DenoisingUNet(cfg) if cfg.ablation != "seg-only" else None
+        self.clamp = tuple(float(v) for v in cfg.clamp.split(","))  # x0_hat's range (authors' code: -1, 1)
+        self.denoiser = (None if cfg.ablation == "seg-only" else Autoencoder(cfg.base_channels) if cfg.ablation == "ae"
+                         else DenoisingUNet(cfg))
         seg_in = 3 if cfg.ablation == "seg-only" else 6
         self.seg = SegmentationUNet(seg_in, cfg.seg_channels) if cfg.ablation != "denoise-only" else None
         sqrt_ab, sqrt_1mab = make_schedule(cfg)
@@ -283,28 +348,30 @@ class DiffusionAD(nn.Module):
 
     def restore(self, x0, t, eps):
         """One-step noise-to-norm: x0 (B,3,H,W) -> (x0_hat, eps_hat). The AE ablation ignores t and eps."""
-        if self.ablation == "ae":
-            return self.denoiser(x0, torch.zeros_like(t)), None
+        if self.ablation == "ae":  # DRAEM+: the autoencoder reconstructs x0 directly
+            return self.denoiser(x0).clamp(*self.clamp), None
         x_t = self.q_sample(x0, t, eps)  # Alg. 1 / Alg. 2: corrupt
         eps_hat = self.denoiser(x_t, t)  # Alg. 1 / Alg. 2: predict the noise
         x0_hat = self.predict_x0(x_t, t, eps_hat)  # Eq. (5): one step back to x0
-        return x0_hat.clamp(*self.pixel_range), eps_hat  # into the image range (authors' code)
+        return x0_hat.clamp(*self.clamp), eps_hat
 
     def segment(self, x0, x0_hat):
         """Mask logits (B,1,H,W) from cat(x0, x0_hat); the seg-only ablation sees x0 alone."""
         return self.seg(x0 if self.ablation == "seg-only" else torch.cat([x0, x0_hat], dim=1))
 
-    def losses(self, x0, mask, n_normal, generator, joint=True):
-        """Alg. 1 on one batch. x0 (B,3,H,W): n_normal normal images first, then synthetic; mask (B,1,H,W).
-        joint=False: L_noise alone (ours: --denoiser-warmup)."""
+    def losses(self, x0, mask, n_normal, generator, joint=True, source=None):
+        """Alg. 1 on one batch. x0 (B,3,H,W): n_normal normal images first, then synthetic ones; mask (B,1,H,W).
+        source: the anomaly-free image of each (needed by the AE ablation alone). joint=False: L_noise alone
+        (ours: --denoiser-warmup)."""
         B, T = x0.shape[0], self.cfg.train_t or self.cfg.timesteps
-        t = torch.randint(1, T + 1, (B,), generator=generator).to(x0.device)  # Alg. 1: t ~ U{1..T}
+        t = torch.randint(0, T, (B,), generator=generator).to(x0.device)  # Alg. 1: t ~ U{0..T-1}
         eps = torch.randn(x0.shape, generator=generator).to(x0.device)  # Alg. 1: eps ~ N(0, I)
         out, x0_hat = {}, None
         if self.denoiser is not None:
             x0_hat, eps_hat = self.restore(x0, t, eps)
-            if self.ablation == "ae":  # DRAEM+: reconstruct the normal image under the anomaly
-                out["rec"] = F.mse_loss(x0_hat, x0[:n_normal].repeat(B // n_normal, 1, 1, 1))
+            if self.ablation == "ae":  # DRAEM+: reconstruct the normal image under the anomaly, L2 + SSIM (DRAEM)
+                data_range = 2.0 if self.cfg.pixel_range == "-1,1" else 1.0
+                out["rec"] = F.mse_loss(x0_hat, source) + ssim_loss(x0_hat, source, data_range)
             else:
                 out["noise"] = F.mse_loss(eps_hat[:n_normal], eps[:n_normal])  # Eq. (6), normal half
         if self.seg is not None and joint:
@@ -316,9 +383,9 @@ class DiffusionAD(nn.Module):
         out["total"] = sum(out.values())  # Eq. (8)
         return out
 
-    def forward(self, x0, mask, n_normal, generator, joint=True):
+    def forward(self, x0, mask, n_normal, generator, joint=True, source=None):
         """Calling the model is Alg. 1 (so that DistributedDataParallel can wrap it)."""
-        return self.losses(x0, mask, n_normal, generator, joint)
+        return self.losses(x0, mask, n_normal, generator, joint, source)
 
     def anomaly_maps(self, x0, ts, noise):
         """Alg. 2 for a batch x0 (B,3,H,W) at all time steps ts at once.
@@ -334,10 +401,10 @@ class DiffusionAD(nn.Module):
         else:
             x0_hat, _ = self.restore(x0k, t, noise[: K * B])  # Alg. 2: corrupt, predict, Eq. (5)
         if self.seg is None:  # DenoisingAD: map = |x0 - x0_hat| averaged over channels
-            maps = (x0k - x0_hat).abs().mean(1)
-        else:
-            maps = torch.sigmoid(self.segment(x0k, x0_hat))[:, 0]  # Alg. 2: M_hat, (K*B,H,W)
-        maps = maps.float().view(K, B, *maps.shape[1:]).mean(0)  # Alg. 2: average over time steps
+            maps = (x0k - x0_hat).abs().mean(1).float()
+        else:  # Alg. 2: M_hat, (K*B,H,W); the sigmoid in float32 (a bf16 one would quantise the map)
+            maps = torch.sigmoid(self.segment(x0k, x0_hat).float())[:, 0]
+        maps = maps.view(K, B, *maps.shape[1:]).mean(0)  # Alg. 2: average over time steps
         return maps, self.image_score(maps), x0_hat
 
     def image_score(self, maps):
@@ -375,12 +442,12 @@ def train(cfg, opts, resume=False):
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=run.device.type == "cuda")  # both nets, Sec. 4.2
         step, losses = run.start(model, opt)  # step > 0 when resuming; losses: the model, compiled/parallel if asked
         model.train()
-        for batch in run.batches(step):  # TrainSet items: 3 normal images, 3 synthetic anomalies (Sec. 3.3)
-            x0 = to_model(torch.cat([batch["image"], batch["synthetic"]]), cfg)  # normal first, then synthetic
-            mask = torch.cat([torch.zeros_like(batch["synthetic_mask"]), batch["synthetic_mask"]])
-            x0, mask, g = run.inputs(x0, mask, step)  # on the device, cropped if asked; this step's noise generator
+        for batch in run.batches(step):  # 6 distinct normal images: 3 as they are, 3 made synthetic (Sec. 3.3)
+            x0, mask = to_model(batch["image"], cfg), batch["mask"]  # normal first, then synthetic
+            source = to_model(batch["source"], cfg) if cfg.ablation == "ae" else None  # DRAEM+'s targets
+            x0, mask, source, g = run.inputs(x0, mask, source, step)  # on the device, cropped if asked; step's noise
             with runs.autocast(opts, run.device):
-                loss = losses(x0, mask, cfg.batch_size // 2, g, step >= cfg.denoiser_warmup)  # Alg. 1: Eq. (6)-(8)
+                loss = losses(x0, mask, cfg.batch_size // 2, g, step >= cfg.denoiser_warmup, source)  # Eq. (6)-(8)
             opt.zero_grad(set_to_none=True)
             loss["total"].backward()
             lr = lr_at(step, cfg, run.total)
@@ -402,12 +469,8 @@ def final_evaluation(model, cfg, opts, run):
     import runs
     threshold, res = None, {}
     if run.held_out is not None:
-        images = torch.stack([run.held_out[i]["image"] for i in range(len(run.held_out))])
-        threshold = runs.threshold_summary(run_inference(model, images, cfg, opts, run.device)[1],
-                                           opts.threshold_quantile, cfg)
+        threshold = held_out_threshold(model, run.held_out, cfg, opts, run.device)
         run.checkpoint(run.ckpt_path, threshold)
-        print(f"threshold {threshold['value']:.6f}: the {opts.threshold_quantile} quantile of the scores of "
-              f"{len(images)} held-out normal images (median {threshold['held_out_scores']['median']:.6f})")
     if run.test is not None:
         res = evaluate(model, cfg, opts, run.test, run.device, opts.test or opts.data, threshold)
     else:
@@ -416,6 +479,13 @@ def final_evaluation(model, cfg, opts, run):
     runs.write_metrics(run.folder / "metrics.json", res, cfg, opts)
     if opts.compile:
         print("  " + runs.compile_report() + " (training and evaluation)")
+
+
+def held_out_threshold(model, held_out, cfg, opts, device):
+    """The decision threshold: the opts.threshold_quantile quantile of the held-out normal images' scores."""
+    import runs
+    images = torch.stack([held_out[i]["image"] for i in range(len(held_out))])
+    return runs.threshold_summary(run_inference(model, images, cfg, opts, device)[1], opts.threshold_quantile, cfg)
 
 
 # ----------------------------------------------------------------------------- Alg. 2: inference and evaluation
@@ -473,7 +543,7 @@ def maps_without_restoration(model, images, cfg, opts, device):
     with torch.inference_mode(), runs.autocast(opts, device):
         for i in range(0, len(images), opts.eval_batch):
             x0 = to_model(images[i: i + opts.eval_batch].to(device), cfg).contiguous(memory_format=fmt)
-            out.append(torch.sigmoid(model.segment(x0, x0))[:, 0].float().cpu())
+            out.append(torch.sigmoid(model.segment(x0, x0).float())[:, 0].cpu())  # float32, as anomaly_maps
     maps = torch.cat(out)
     return maps.numpy(), model.image_score(maps).numpy()
 
@@ -506,9 +576,10 @@ def evaluate(model, cfg, opts, test, device, name, threshold=None, maps_dir=None
         res["without_restoration"] = plain
         res["reliance"] = {k: None if res[k] is None else res[k] - plain[k]
                            for k in ("image_auroc", "pixel_auroc", "pixel_pro")}
-    if model.denoiser is not None and model.ablation != "ae" and (labels == 0).any():  # restoration of good images
+    if model.denoiser is not None and (labels == 0).any():  # restoration (DRAEM+: reconstruction) of good images
         psnr = -10 * np.log10(np.maximum(mse[labels == 0], 1e-10)).mean(0)
-        res["restoration_psnr_good"] = {str(t): round(float(p), 2) for t, p in zip(ints(cfg.eval_t), psnr)}
+        steps = ("reconstruction",) if model.ablation == "ae" else ints(cfg.eval_t)
+        res["restoration_psnr_good"] = {str(t): round(float(p), 2) for t, p in zip(steps, psnr)}
     if threshold is not None:
         flag = lambda sel: float((scores[sel] >= threshold["value"]).mean()) if sel.any() else None
         res["flagged"] = {"threshold": threshold["value"], "good": flag(labels == 0), "anomalous": flag(labels == 1)}
@@ -516,38 +587,6 @@ def evaluate(model, cfg, opts, test, device, name, threshold=None, maps_dir=None
     if maps_dir is not None:
         runs.save_panels(maps_dir, items, images, restored, maps, ints(cfg.eval_t)[0])
     return res
-
-
-def recalibrate_bn(model, cfg, opts, trainset, device, n_batches):
-    """Re-estimate the seg net's BatchNorm statistics on inference-like inputs (ours): training batches,
-    normal and synthetic, restored at the inference time steps (training sees t up to T)."""
-    import runs
-    bns = [m for m in model.seg.modules() if isinstance(m, nn.BatchNorm2d)]
-    if not bns or n_batches <= 0:
-        return
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average over the batches below
-    ts, g = ints(cfg.eval_t), torch.Generator().manual_seed(cfg.seed + 7)
-    epoch = 10 ** 6  # synthetic anomalies that training never saw
-    batches = [[(epoch, i) for i in b] for b in data.epoch_batches(len(trainset), cfg.batch_size // 2, cfg.seed, epoch)]
-    model.eval()
-    model.seg.train()
-    with torch.no_grad(), runs.autocast(opts, device):
-        for batch in torch.utils.data.DataLoader(trainset, batch_sampler=batches[:n_batches]):
-            x0 = to_model(torch.cat([batch["image"], batch["synthetic"]]), cfg).to(device)
-            if cfg.crop:
-                x0, _ = data.random_crops(x0, torch.zeros_like(x0[:, :1]), cfg.crop, g)
-            x0_hat = x0
-            if model.denoiser is not None:
-                t = torch.tensor(ts)[torch.randint(len(ts), (len(x0),), generator=g)].to(device)
-                x0_hat, _ = model.restore(x0, t, torch.randn(x0.shape, generator=g).to(device))
-            model.segment(x0, x0_hat)
-    for m in bns:
-        m.momentum = 0.1
-    model.eval()
-    print(f"re-estimated the seg net's BatchNorm statistics on {min(n_batches, len(batches))} training batches "
-          f"at t = {cfg.eval_t}")
 
 
 class Alg2Program(nn.Module):
@@ -584,10 +623,14 @@ def evaluate_cmd(a):
                          + "\n  ".join(problems[:10]))
     device = runs.pick_device(opts)
     model = trained_model(cfg, state, device).eval()
-    if a.bn_recal:
-        recalibrate_bn(model, cfg, opts, runs.make_trainset(cfg, opts), device, a.bn_recal)
-    print(f"evaluating {path} (step {state['step']})")
     threshold, source = runs.stored_threshold(state, cfg, path)
+    if a.bn_recal:  # on the images the run trained on, never its held-out slice
+        normal, held_out = runs.training_split(opts, runs.open_train(cfg, opts))
+        runs.recalibrate_bn(model, cfg, opts, runs.make_trainset(cfg, opts, normal), device, a.bn_recal, to_model)
+        threshold, source = None, "the run has no held-out slice (--holdout 0) to set one after recalibration"
+        if held_out is not None:  # the stored threshold belongs to the model before recalibration: set it again
+            threshold = held_out_threshold(model, held_out, cfg, opts, device)
+    print(f"evaluating {path} (step {state['step']})")
     if threshold is None:
         print(f"  no verdicts: {source}")
     res = evaluate(model, cfg, opts, test, device, a.test or a.data or opts.test or opts.data, threshold,
@@ -645,6 +688,9 @@ def main(argv=None):
         predict_cmd(a)
     elif a.cmd == "export":
         export_cmd(a)
+    elif a.cmd == "import-authors":  # authors.py: their checkpoints as our run folders
+        import authors
+        authors.import_cmd(a)
     else:
         print(runs.write_table(a.folder))
 

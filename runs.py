@@ -66,19 +66,18 @@ class RunOptions:
 # Fields of the method's Config that may change when a run is resumed (length of training, Alg. 2's settings).
 FREE = ("epochs", "max_steps", "eval_t", "top_k")
 # Small model for a 2-core CPU (README quickstart); flags given on the command line win. train_t=300: Alg. 1's t
-# from 1..300, as the authors' later code (docs/RESULTS.md: cleaner restorations, better pixel metrics).
+# from 0..299, as the authors' later code (docs/RESULTS.md: cleaner restorations, better pixel metrics).
 # lr_schedule=cosine: with a constant 5e-4 the last steps' updates could leave the final model in a bad
 # state (docs/RESULTS.md: DAGM seed 1, 79.2 -> 98.5 image AUROC with the same batches).
 CPU_PRESET = dict(img_size=64, base_channels=16, num_res_blocks=1, channel_mult="1,2,4", attn_resolutions="16",
                   seg_channels=16, max_steps=900, lr=5e-4, lr_schedule="cosine", eval_batch=16, workers=0,
                   train_t=300)
-# Options of earlier versions and their "off" values: older checkpoints with them off still load.
-RETIRED = {"ema": 0.0, "bn_recal": 0, "warmup": 0, "seg_norm": "batch"}
-# Fields added after checkpoints were written, with the value those checkpoints were trained with.
-LEGACY = {"holdout": 0.0}
+# The checkpoint format: 2 = the authors' networks and time index (0-based t). Version 1 (our own networks, 1-based
+# t) cannot be run by this code.
+VERSION = 2
 CHOICES = {"ablation": ("none", "seg-only", "ae", "denoise-only"), "pixel_range": ("0,1", "-1,1"),
            "seg_grad": ("full", "none"), "lr_schedule": ("constant", "cosine"), "anomaly_shape": data.SHAPES,
-           "anomaly_fill": data.FILLS}
+           "anomaly_fill": data.FILLS, "beta_schedule": ("linear", "cosine")}
 
 
 def ints(text):
@@ -134,6 +133,12 @@ def check(cfg, opts, channel_mult):
             ints(both[name])
         except ValueError:
             problems.append(f"{flag(name)} must be comma-separated integers, got {both[name]!r}")
+    try:
+        lo, hi = (float(v) for v in cfg.clamp.split(","))
+        if not lo < hi:
+            raise ValueError
+    except ValueError:
+        problems.append(f"--clamp must be two numbers LOW,HIGH with LOW < HIGH, e.g. -1,1, got {cfg.clamp!r}")
     if problems:
         raise SystemExit("bad configuration:\n  " + "\n  ".join(problems))
     try:
@@ -159,17 +164,18 @@ def check(cfg, opts, channel_mult):
         problems.append(f"--batch-size must be even (half normal, half synthetic), got {cfg.batch_size}")
     if cfg.img_size % 32 or cfg.img_size % 2 ** (levels - 1):
         problems.append(f"--img-size {cfg.img_size} must be divisible by 32 and by 2^(levels-1) of --channel-mult")
-    if cfg.base_channels % cfg.num_heads:
-        problems.append(f"--base-channels {cfg.base_channels} must be divisible by --num-heads {cfg.num_heads}")
+    heads = ("--num-head-channels", cfg.num_head_channels) if cfg.num_head_channels > 0 else ("--num-heads", cfg.num_heads)
+    if cfg.base_channels % heads[1]:
+        problems.append(f"--base-channels {cfg.base_channels} must be divisible by {heads[0]} {heads[1]}")
     if not 0 < cfg.beta_start < cfg.beta_end < 1:
         problems.append(f"need 0 < --beta-start < --beta-end < 1, got {cfg.beta_start}, {cfg.beta_end}")
     if not 0 <= cfg.train_t <= cfg.timesteps:
         problems.append(f"--train-t must be in [0, --timesteps {cfg.timesteps}] (0 = T), got {cfg.train_t}")
     if cfg.crop and (cfg.crop > cfg.img_size or cfg.crop % 2 ** (levels - 1) or cfg.crop % 32):
         problems.append(f"--crop {cfg.crop} must be <= --img-size and divisible by 32 and by 2^(levels-1)")
-    bad_t = [t for t in ints(cfg.eval_t) if not 1 <= t <= cfg.timesteps]
+    bad_t = [t for t in ints(cfg.eval_t) if not 0 <= t < cfg.timesteps]
     if bad_t or not ints(cfg.eval_t):
-        problems.append(f"--eval-t needs time steps in [1, {cfg.timesteps}], got {cfg.eval_t!r}")
+        problems.append(f"--eval-t needs time steps in [0, {cfg.timesteps - 1}] (t = 0..T-1), got {cfg.eval_t!r}")
     if cfg.denoiser_warmup and cfg.ablation not in ("none", "ae"):
         problems.append(f"--denoiser-warmup needs both networks; --ablation {cfg.ablation} has one")
     if problems:
@@ -279,16 +285,16 @@ def latest_run():
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(path, model, opt, step, cfg, opts, seconds=0.0, threshold=None):
+def save_checkpoint(path, model, opt, step, cfg, opts, seconds=0.0, threshold=None, **extra):
     """Both networks, the optimizer, the step, the settings as one flat dict, and the decision threshold once
-    it is known. Loadable with torch.load(weights_only=True)."""
+    it is known (and `extra` entries, such as an imported model's origin). Loadable with torch.load(weights_only=True)."""
     state = {"denoiser": model.denoiser.state_dict() if model.denoiser is not None else {},
              "seg": model.seg.state_dict() if model.seg is not None else {},
              "optimizer": opt.state_dict() if opt is not None else {}, "step": step, "seconds": seconds,
-             "config": {**asdict(cfg), **asdict(opts)}}
+             "config": {**asdict(cfg), **asdict(opts)}, "version": VERSION}
     if threshold is not None:
         state["threshold"] = threshold
-    atomic_write(path, state)
+    atomic_write(path, {**state, **extra})
 
 
 def load_checkpoint(path, config_cls):
@@ -300,15 +306,16 @@ def load_checkpoint(path, config_cls):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise SystemExit(f"{path}: not a readable DiffusionAD checkpoint ({type(e).__name__}: {str(e)[:200]})")
+    if isinstance(ckpt, dict) and {"unet_model_state_dict", "seg_model_state_dict"} <= ckpt.keys():
+        raise SystemExit(f"{path}: a checkpoint of the authors' train.py; convert it first: python diffusionad.py "
+                         f"import-authors {path} --out RUN")
     if not isinstance(ckpt, dict) or not {"denoiser", "seg", "config", "step"} <= ckpt.keys():
         raise SystemExit(f"{path}: not a DiffusionAD checkpoint (missing keys)")
+    if ckpt.get("version", 1) != VERSION:
+        raise SystemExit(f"{path}: written by {'an earlier' if ckpt.get('version', 1) < VERSION else 'a newer'} "
+                         f"version of diffusionad (checkpoint format {ckpt.get('version', 1)}, this code reads "
+                         f"{VERSION}: the authors' networks and 0-based time steps); retrain it with this version")
     values = ckpt["config"]
-    for name, neutral in RETIRED.items():  # options of earlier versions: fine when they were off
-        if values.get(name, neutral) != neutral:
-            raise SystemExit(f"{path}: trained with {flag(name)} {values[name]}, which this version no longer has")
-        values.pop(name, None)
-    for name, value in LEGACY.items():
-        values.setdefault(name, value)
     unknown = set(values) - {f.name for f in fields(config_cls) + fields(RunOptions)}
     if unknown:
         raise SystemExit(f"{path}: checkpoint config has unknown fields {sorted(unknown)} (a newer version?)")
@@ -345,6 +352,9 @@ def open_test(a, opts, img_size):
     dataset's)."""
     given = a is not None and (a.test or a.data)
     test, masks = (a.test, a.test_masks) if given else (opts.test, opts.test_masks)
+    if not (given or test or opts.data):
+        raise SystemExit("this run names no data (imported from the authors' checkpoint without --data); pass "
+                         "--data ROOT/CLASS or --test TESTDIR")
     try:
         if test:
             return data.labelled_folder(test, img_size, masks or None)
@@ -365,6 +375,21 @@ def preflight(cfg, opts):
         raise SystemExit(f"{opts.data}: {len(problems)} problem(s) found before training; fix them and start again:"
                          "\n  " + "\n  ".join(problems[:10]) + more)
     return splits
+
+
+def training_split(opts, train):
+    """(the images Alg. 1 trains on, the held-out slice that sets the threshold or None) of a train split."""
+    try:
+        return data.holdout_split(train, opts.holdout)
+    except ValueError as e:
+        raise SystemExit(f"{opts.data}: {e}")
+
+
+def open_train(cfg, opts):
+    try:
+        return data.open_dataset(opts.data, "train", cfg.img_size, foreground=cfg.foreground)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"{e}")
 
 
 def make_trainset(cfg, opts, normal=None):
@@ -451,21 +476,21 @@ class Run:
             if not self.ckpt_path.is_file():
                 raise SystemExit(f"--resume: no checkpoint at {self.ckpt_path} (train without --resume to start)")
             self.state, *saved = load_checkpoint(self.ckpt_path, config_cls)
+            if "imported" in self.state:
+                raise SystemExit(f"--resume: {self.ckpt_path} was imported from the authors' checkpoint and holds no "
+                                 "optimizer state; train a new run with --out")
             check_same_run(saved, (cfg, opts), self.ckpt_path)
         elif self.ckpt_path.exists():
             raise SystemExit(f"{self.ckpt_path} exists: pass --resume to continue it, or --out for a new run")
         splits = preflight(cfg, opts)
         self.test = splits.get("test")
-        try:
-            normal, self.held_out = data.holdout_split(splits["train"], opts.holdout)
-        except ValueError as e:
-            raise SystemExit(f"{opts.data}: {e}")
+        normal, self.held_out = training_split(opts, splits["train"])
         self.trainset = make_trainset(cfg, opts, normal)
-        self.per_batch = cfg.batch_size // 2  # items per rank and step; each gives one normal and one synthetic image
+        self.per_batch = cfg.batch_size  # distinct normal images per rank and step: half as they are, half synthetic
         self.steps_per_epoch = len(self.trainset) // (self.per_batch * self.world)
         if self.steps_per_epoch == 0:
-            raise SystemExit(f"{opts.data}: {len(self.trainset)} training images, fewer than one batch of "
-                             f"{self.per_batch * self.world}")
+            raise SystemExit(f"{opts.data}: {len(self.trainset)} training images, fewer than one step's "
+                             f"{self.per_batch * self.world} (a batch takes distinct images); pass a smaller --batch-size")
         self.total = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * self.steps_per_epoch
         if self.rank == 0:  # last: a check that fails above leaves no lock held
             try:
@@ -560,23 +585,26 @@ class Run:
         side, g = self.cfg.crop or self.cfg.img_size, torch.Generator().manual_seed(0)
         x0, mask, probe = torch.rand(2, 3, side, side, generator=g), torch.zeros(2, 1, side, side), copy.deepcopy(self.model)
         t0 = time.time()
-        probe(x0, mask, 1, g)["total"].backward()  # 1 + 1 images, scaled to the batch below
+        probe(x0, mask, 1, g, source=x0)["total"].backward()  # 1 + 1 images, scaled to the batch below
         seconds = (time.time() - t0) * self.cfg.batch_size / 2
         del probe
         print(f"note: a {n_params / 1e6:.0f}M-parameter model on a CPU: one step takes about {seconds:.0f} s, so "
               f"{self.total - self.step} steps would take about {fmt_time(seconds * (self.total - self.step))}. "
-              "To train on this machine, add --preset cpu (a 3M-parameter model, minutes). Continuing as asked.",
+              "To train on this machine, add --preset cpu (a 2.5M-parameter model, minutes). Continuing as asked.",
               flush=True)
 
-    def inputs(self, x0, mask, step):
-        """A batch on the device in the training layout; Alg. 1's noise generator for this step (resumable);
-        random crops (--crop)."""
-        x0 = x0.to(self.device, non_blocking=True).contiguous(memory_format=memory_format(self.opts, self.device))
+    def inputs(self, x0, mask, source, step):
+        """A batch on the device in the training layout (source: the anomaly-free images, or None); Alg. 1's noise
+        generator for this step (resumable); random crops (--crop), the same window for an image and its source."""
+        fmt = memory_format(self.opts, self.device)
+        x0 = x0.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
         mask = mask.to(self.device, non_blocking=True)
+        source = None if source is None else source.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
         g = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + step) * self.world + self.rank)
         if self.cfg.crop:
-            x0, mask = data.random_crops(x0, mask, self.cfg.crop, g)
-        return x0, mask, g
+            x0, mask, *rest = data.random_crops(x0, mask, self.cfg.crop, g, *([] if source is None else [source]))
+            source = rest[0] if rest else None
+        return x0, mask, source, g
 
     def after_step(self, step, loss, lr):
         """Log, checkpoint, stop. Returns True when training must end now (signal or --max-minutes)."""
@@ -658,6 +686,38 @@ def ignore_sigint(_):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def recalibrate_bn(model, cfg, opts, trainset, device, n_batches, to_model):
+    """eval --bn-recal (ours): re-estimate the seg net's BatchNorm statistics on inference-like inputs: training
+    batches (pass the run's training images, never its held-out slice), normal and synthetic, restored at the
+    inference time steps (training sees t up to T). to_model: the model's pixel-range map."""
+    bns = [m for m in model.seg.modules() if isinstance(m, nn.BatchNorm2d)]
+    if not bns or n_batches <= 0:
+        return
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches below
+    ts, g = ints(cfg.eval_t), torch.Generator().manual_seed(cfg.seed + 7)
+    epoch = 10 ** 6  # synthetic anomalies that training never saw
+    batches = [data.step_keys(b, epoch) for b in data.epoch_batches(len(trainset), cfg.batch_size, cfg.seed, epoch)]
+    model.eval()
+    model.seg.train()
+    with torch.no_grad(), autocast(opts, device):
+        for batch in torch.utils.data.DataLoader(trainset, batch_sampler=batches[:n_batches]):
+            x0 = to_model(batch["image"], cfg).to(device)
+            if cfg.crop:
+                x0, _ = data.random_crops(x0, torch.zeros_like(x0[:, :1]), cfg.crop, g)
+            x0_hat = x0
+            if model.denoiser is not None:
+                t = torch.tensor(ts)[torch.randint(len(ts), (len(x0),), generator=g)].to(device)
+                x0_hat, _ = model.restore(x0, t, torch.randn(x0.shape, generator=g).to(device))
+            model.segment(x0, x0_hat)
+    for m in bns:
+        m.momentum = 0.1
+    model.eval()
+    print(f"re-estimated the seg net's BatchNorm statistics on {min(n_batches, len(batches))} training batches "
+          f"at t = {cfg.eval_t}")
+
+
 # ----------------------------------------------------------------------------- whole benchmarks
 
 def train_benchmark(cfg, opts, classes, train):
@@ -718,10 +778,13 @@ def threshold_summary(scores, quantile, cfg):
     """The decision threshold (the quantile of held-out normal images' scores, at cfg's Alg. 2 settings) and
     those scores' summary."""
     s = np.asarray(scores, np.float64)
-    return {"value": float(np.quantile(s, quantile)), "quantile": quantile, "n_held_out": int(len(s)),
-            "eval_t": cfg.eval_t, "top_k": cfg.top_k,
-            "held_out_scores": {k: round(float(f(s)), 6) for k, f in
-                                (("min", np.min), ("median", np.median), ("mean", np.mean), ("max", np.max))}}
+    t = {"value": float(np.quantile(s, quantile)), "quantile": quantile, "n_held_out": int(len(s)),
+         "eval_t": cfg.eval_t, "top_k": cfg.top_k,
+         "held_out_scores": {k: round(float(f(s)), 6) for k, f in
+                             (("min", np.min), ("median", np.median), ("mean", np.mean), ("max", np.max))}}
+    print(f"threshold {t['value']:.6f}: the {quantile} quantile of the scores of {len(s)} held-out normal images "
+          f"(median {t['held_out_scores']['median']:.6f})")
+    return t
 
 
 def stored_threshold(state, cfg, path, override=None):
@@ -758,7 +821,7 @@ def print_metrics(res, cfg, opts, device):
             if v is not None))
     if "restoration_psnr_good" in res:
         print("  restoration PSNR of the good test images (dB): "
-              + ", ".join(f"t={t} {p:.1f}" for t, p in res["restoration_psnr_good"].items()))
+              + ", ".join(f"{'t=' * t.isdigit()}{t} {p:.1f}" for t, p in res["restoration_psnr_good"].items()))
     if "flagged" in res:
         print(f"  threshold {res['flagged']['threshold']:.4f} flags {100 * res['flagged']['good']:.1f} % of the good "
               f"and {100 * res['flagged']['anomalous']:.1f} % of the anomalous test images")
@@ -892,6 +955,18 @@ def parser(config_cls, doc):
                        allow_abbrev=False)
     run_flags(x, "the most recent run")
     x.add_argument("--out", required=True, help="new .pt2 file; its threshold goes to the .json beside it")
+    m = sub.add_parser("import-authors", help="a run folder from a checkpoint of the authors' train.py "
+                       "(params-best.pt / params-last.pt), for eval, predict, export and table", allow_abbrev=False)
+    m.add_argument("params", help="the authors' checkpoint (read with weights_only=True)")
+    m.add_argument("--out", required=True, help="new run folder")
+    m.add_argument("--data", default="", help="the class it was trained on (ROOT/CLASS): recorded for eval, and its test "
+                   "split evaluated now (metrics.json, for table)")
+    m.add_argument("--threshold-from", default="", help="a folder of normal images the model was not trained on: the "
+                   "--threshold-quantile quantile of their scores becomes the stored decision threshold")
+    m.add_argument("--threshold-quantile", type=float, default=0.99)
+    m.add_argument("--eval-batch", type=int, default=8)
+    m.add_argument("--device", default="auto")
+    m.add_argument("--log-every", type=float, default=10.0)
     sub.add_parser("bench", help="training and inference speed, plain and shipped paths side by side "
                    "(docs/bench.py; --help there)", add_help=False)
     s = sub.add_parser("table", help="the benchmark table of runs/<root name>: ours and the paper's", allow_abbrev=False)

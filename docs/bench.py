@@ -56,7 +56,7 @@ def bench_training(cfg, opts, device, train_size, train_steps, mem):
 
         def step():
             with runs.autocast(o, device):
-                loss = model(x, mask, B // 2, torch.Generator().manual_seed(0))["total"]
+                loss = model(x, mask, B // 2, torch.Generator().manual_seed(0), source=x)["total"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -74,7 +74,7 @@ def bench_training(cfg, opts, device, train_size, train_steps, mem):
     if opts.workers:
         trainset = runs.make_trainset(tcfg, opts)
         workers = opts.workers if opts.workers > 0 else min(8, (os.cpu_count() or 2) - 1)
-        batches = data.run_batches(len(trainset), B // 2, 0, 0, 40 + 2 * workers)
+        batches = data.run_batches(len(trainset), B, 0, 0, 40 + 2 * workers)
         loader = iter(torch.utils.data.DataLoader(trainset, batch_sampler=batches, num_workers=workers,
                                                   pin_memory=device.type == "cuda", prefetch_factor=4))
         for _ in range(2 * workers):  # workers started, queues filled

@@ -4,7 +4,7 @@ python docs/bn_gap.py RUN/ckpt.pt [--batches 20]
 Draws fresh synthetic anomalies on training images (an epoch the run never saw), restores them at the
 inference time steps (Alg. 2) and scores the maps against the synthetic masks with the seg net's
 BatchNorm (a) in eval mode with the running statistics from training, (b) recalibrated on inference-like
-inputs (diffusionad.recalibrate_bn, other images), (c) in training mode (each batch's own statistics).
+inputs (runs.recalibrate_bn, other images), (c) in training mode (each batch's own statistics).
 Prints pixel AUROC / image AUROC (normal vs synthetic) for each, and the first BatchNorm's running
 variance next to the variance of its input at inference.
 """
@@ -46,14 +46,13 @@ def main():
     a = ap.parse_args()
     state, cfg, opts = runs.load_checkpoint(a.ckpt, D.Config)
     model = D.build_model(cfg, state)
-    trainset = runs.make_trainset(cfg, opts)
+    trainset = runs.make_trainset(cfg, opts, runs.training_split(opts, runs.open_train(cfg, opts))[0])  # no held-out
     ts = D.ints(cfg.eval_t)
     epoch = 10 ** 6 + 1  # neither training nor recalibrate_bn uses this epoch
-    keys = data.epoch_batches(len(trainset), cfg.batch_size // 2, cfg.seed, epoch)[:a.batches]
+    keys = data.epoch_batches(len(trainset), cfg.batch_size, cfg.seed, epoch)[:a.batches]
     batches = []
-    for b in torch.utils.data.DataLoader(trainset, batch_sampler=[[(epoch, i) for i in k] for k in keys]):
-        x0 = D.to_model(torch.cat([b["image"], b["synthetic"]]), cfg)
-        batches.append((x0, torch.cat([torch.zeros_like(b["synthetic_mask"]), b["synthetic_mask"]])))
+    for b in torch.utils.data.DataLoader(trainset, batch_sampler=[data.step_keys(k, epoch) for k in keys]):
+        batches.append((D.to_model(b["image"], cfg), b["mask"]))
     bn = next(m for m in model.seg.modules() if isinstance(m, torch.nn.BatchNorm2d))
     with torch.no_grad():  # the first BatchNorm's input at inference: conv1 of cat(x0, x0_hat) at ts
         x0 = torch.cat([x for x, _ in batches])[:24]
@@ -61,12 +60,12 @@ def main():
         t = torch.tensor(ts).repeat_interleave(len(x0))
         x0_hat = x0k if model.denoiser is None else \
             model.restore(x0k, t, torch.randn(x0k.shape, generator=torch.Generator().manual_seed(5)))[0]
-        feat = model.seg.enc[0][0][0](x0k if cfg.ablation == "seg-only" else torch.cat([x0k, x0_hat], 1))
+        feat = model.seg.enc[0][0](x0k if cfg.ablation == "seg-only" else torch.cat([x0k, x0_hat], 1))
     print(f"{a.ckpt} (step {state['step']}): first BatchNorm running var mean {bn.running_var.mean():.4f}, "
           f"its input's variance at t={cfg.eval_t}: {feat.var((0, 2, 3)).mean():.4f}")
     rows = [("eval mode, training statistics", maps_on(model, batches, cfg, ts, False))]
     recal = copy.deepcopy(model)
-    D.recalibrate_bn(recal, cfg, opts, trainset, torch.device("cpu"), 50)
+    runs.recalibrate_bn(recal, cfg, opts, trainset, torch.device("cpu"), 50, D.to_model)
     rows.append(("eval mode, recalibrated (50 batches)", maps_on(recal, batches, cfg, ts, False)))
     rows.append(("train mode, batch statistics", maps_on(copy.deepcopy(model), batches, cfg, ts, True)))
     for name, (p, i) in rows:

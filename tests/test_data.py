@@ -370,10 +370,10 @@ def test_eq9_and_beta_bounds():
     np.testing.assert_allclose(((S - A) / (N - A))[m], 0.3, atol=1e-4)
 
 
-def test_default_beta_range_is_documented():
-    assert data.BETA_RANGE == (0.0, 0.8) and data.PERLIN_THRESHOLD == 0.5
+def test_default_beta_range_is_the_authors():
+    assert data.BETA_RANGE == (0.2, 0.8) and data.PERLIN_THRESHOLD == 0.5  # beta ~ U[0.2, 0.8), authors' code
     betas = [data.synthesize(normal_image(16), None, np.random.default_rng(s), details=True)[3] for s in range(50)]
-    assert 0 <= min(betas) and max(betas) < 0.8 and max(betas) - min(betas) > 0.4
+    assert 0.2 <= min(betas) < 0.25 and 0.75 < max(betas) < 0.8
 
 
 def test_curve_masks_are_thin_strokes_and_mixed_uses_both():
@@ -435,25 +435,40 @@ def test_perlin_tiles_and_augmentations():
 def test_trainset_items_and_determinism():
     normal = data.open_dataset("synthetic", "train", 32)
     ts = data.TrainSet(normal, seed=3)
-    it = ts[5]
-    assert set(it) >= {"image", "synthetic", "synthetic_mask"}
-    assert it["image"].shape == it["synthetic"].shape == (3, 32, 32) and it["synthetic_mask"].shape == (1, 32, 32)
-    assert torch.equal(it["image"], normal[5]["image"]) and it["synthetic_mask"].sum() > 0
+    it, plain = ts[5], ts[(0, 5, False)]
+    assert set(it) == set(plain) == {"image", "mask", "source", "path"}
+    assert it["image"].shape == it["source"].shape == (3, 32, 32) and it["mask"].shape == (1, 32, 32)
+    assert torch.equal(it["source"], normal[5]["image"]) and it["mask"].sum() > 0  # made from image 5
+    assert not torch.equal(it["image"], normal[5]["image"])
+    assert torch.equal(plain["image"], normal[5]["image"]) and torch.equal(plain["source"], plain["image"])
+    assert plain["mask"].sum() == 0
     again = data.TrainSet(data.open_dataset("synthetic", "train", 32), seed=3)[5]
-    assert torch.equal(it["synthetic"], again["synthetic"])
+    assert torch.equal(it["image"], again["image"]) and torch.equal(ts[(0, 5, True)]["image"], it["image"])
     ts.set_epoch(1)
-    assert not torch.equal(ts[5]["synthetic"], it["synthetic"])
-    assert not torch.equal(data.TrainSet(normal, seed=4)[5]["synthetic"], it["synthetic"])
+    assert not torch.equal(ts[5]["image"], it["image"])
+    assert not torch.equal(data.TrainSet(normal, seed=4)[5]["image"], it["image"])
+
+
+def test_a_step_takes_distinct_images_half_normal_half_synthetic():
+    keys = list(data.run_batches(30, 6, seed=0, start=0, total=12))  # 5 steps per epoch
+    for step in keys:
+        assert [k[2] for k in step] == [False] * 3 + [True] * 3  # 3 normal, then 3 synthetic
+        assert len({k[1] for k in step}) == 6  # the synthetic ones are made from other images (authors' code)
+    for e in (0, 1):
+        epoch = [k[1] for step in keys[5 * e: 5 * e + 5] for k in step]
+        assert sorted(epoch) == list(range(30)) and {k[0] for step in keys[5 * e: 5 * e + 5] for k in step} == {e}
+    ranks = [list(data.run_batches(30, 6, 0, 0, 2, rank=r, world=2)) for r in (0, 1)]
+    assert not {k[1] for s in ranks[0] for k in s} & {k[1] for s in ranks[1] for k in s}  # 2 steps of 12 images
 
 
 def test_trainset_same_batches_for_any_number_of_workers():
     ts = data.TrainSet(data.open_dataset("synthetic", "train", 32), seed=1)
-    ts.set_epoch(2)
-    batches = [[0, 7, 9], [3, 4, 5], [100, 1, 2], [8, 6, 10]]
+    batches = [data.step_keys(b, 2) for b in ([0, 7, 9, 11, 12, 13], [3, 4, 5, 14, 15, 16], [100, 1, 2, 6, 8, 10])]
     runs = [list(torch.utils.data.DataLoader(ts, batch_sampler=batches, num_workers=w)) for w in (0, 2)]
     for a, b in zip(*runs):
-        assert a["image"].shape == (3, 3, 32, 32)                # 3 normal + 3 synthetic per batch
-        assert torch.equal(a["synthetic"], b["synthetic"]) and torch.equal(a["synthetic_mask"], b["synthetic_mask"])
+        assert a["image"].shape == (6, 3, 32, 32)                # 3 normal + 3 synthetic per step
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+        assert a["mask"][:3].sum() == 0 and (a["mask"][3:].flatten(1).sum(1) > 0).all()
 
 
 def test_foreground_auto_rules(tmp_path):
@@ -500,9 +515,9 @@ def test_foreground_folder_is_used_and_missing_file_falls_back(tmp_path):
     for i in range(2):
         for e in range(3):
             ts.set_epoch(e)
-            assert ts[i]["synthetic_mask"][0, :, 16:].sum() == 0 and ts[i]["synthetic_mask"].sum() > 0
+            assert ts[i]["mask"][0, :, 16:].sum() == 0 and ts[i]["mask"].sum() > 0
     with pytest.warns(UserWarning, match="no foreground file"):
-        assert ts[2]["synthetic_mask"].sum() > 0
+        assert ts[2]["mask"].sum() > 0
 
 
 def test_failing_foreground_estimate_falls_back_and_warns_once(tmp_path):
@@ -515,8 +530,56 @@ def test_failing_foreground_estimate_falls_back_and_warns_once(tmp_path):
         warnings.simplefilter("always")
         for e in range(2):
             ts.set_epoch(e)
-            assert all(ts[i]["synthetic_mask"].sum() > 0 for i in range(4))
+            assert all(ts[i]["mask"].sum() > 0 for i in range(4))
     assert len(w) == 1 and "whole image" in str(w[0].message)
+
+
+def test_the_authors_foreground_folders_are_read_as_they_are(tmp_path):
+    obj = make_mvtec(tmp_path / "mvtec" / "bottle")
+    soft = np.zeros((64, 64), np.uint8)
+    soft[:, :32], soft[:, 32:40] = 255, 100                     # a DIS mask: soft edge below half its range
+    for i in range(3):
+        save(obj / "DISthresh" / "good" / f"{i:03d}.png", soft)  # CLASS/DISthresh/good/<stem>.png
+    ts = data.TrainSet(data.open_dataset(obj, "train", 32), seed=0)
+    assert ts.foreground == "mask"
+    for i in range(3):
+        F = ts.sample(i)["foreground"]
+        assert F[:, :16].all() and not F[:, 16:].any() and not (ts.sample(i)["mask"].astype(bool) & ~F).any()
+    tex = make_mvtec(tmp_path / "mvtec" / "carpet")
+    parts = []
+    for k, x in enumerate((0, 16, 32)):                          # CLASS/thresh/: random parts of the image
+        m = np.zeros((64, 64), np.uint8)
+        m[x:x + 32] = 255
+        parts.append(save(tex / "thresh" / f"{k:03d}.png", m))
+    ts = data.TrainSet(data.open_dataset(tex, "train", 32), seed=0)
+    seen = set()
+    for e in range(12):
+        ts.set_epoch(e)
+        F = ts.sample(e % 3)["foreground"]
+        rows = np.nonzero(F.any(1))[0]
+        assert F.sum() == 16 * 32 and rows.max() - rows.min() == 15
+        seen.add(int(rows.min()))
+    assert seen == {0, 8, 16}                                    # each of the three files, none invented
+    assert data.TrainSet(data.open_dataset(make_mvtec(tmp_path / "mvtec" / "zipper"), "train", 32)).foreground \
+        == "texture"                                             # zipper is a texture in the authors' code
+
+
+def test_texture_classes_take_dtd_objects_half_of_the_time_and_dtd_is_not_tile_shuffled(tmp_path):
+    ramp_x = np.tile(np.linspace(0, 255, 64, dtype=np.uint8), (64, 1))
+    for i in range(4):
+        save(tmp_path / "dtd" / f"t{i}.png", ramp_x.T.copy())     # textures vary along y only
+    for kind in ("carpet", "bottle"):
+        for i in range(8):
+            save(tmp_path / kind / "train" / "good" / f"{i}.png", ramp_x)  # images vary along x only
+        (tmp_path / kind / "test" / "good").mkdir(parents=True)
+    sources = {}
+    for kind in ("carpet", "bottle"):
+        ts = data.TrainSet(data.open_dataset(tmp_path / kind, "train", 64), texture_dir=tmp_path / "dtd")
+        A = [ts.sample(i, e)["anomaly"][..., 0] for e in range(6) for i in range(8)]
+        dtd = [np.ptp(a, axis=1).max() < 1e-5 for a in A]       # constant along x: a texture, as it is
+        assert all(d or np.ptp(a, axis=0).max() > 0.05 for a, d in zip(A, dtd))  # else tiles broke the x ramp
+        sources[kind] = sum(dtd) / len(A)
+    assert sources["carpet"] == 1.0 and 0.3 < sources["bottle"] < 0.7  # textures: DTD only; objects: 50/50
 
 
 def test_texture_dir(tmp_path):

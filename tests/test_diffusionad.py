@@ -50,23 +50,28 @@ def weights(run):
 def test_schedule_properties():
     cfg = D.Config()
     sqrt_ab, sqrt_1mab = D.make_schedule(cfg)
-    assert sqrt_ab.dtype == torch.float32 and sqrt_ab.shape == (cfg.timesteps + 1,)
+    assert sqrt_ab.dtype == torch.float32 and sqrt_ab.shape == (cfg.timesteps,)  # t = 0..T-1
     ab = sqrt_ab.double() ** 2
-    assert ab[0] == 1.0 and abs(ab[1] - (1 - 1e-4)) < 1e-6  # alpha_bar_1 = 1 - beta_1
+    assert abs(ab[0] - (1 - 1e-4)) < 1e-7  # alpha_bar_0 = 1 - beta_0: t = 0 is one step of noise
     assert torch.all(ab[1:] < ab[:-1])  # strictly decreasing
     assert torch.allclose(sqrt_ab ** 2 + sqrt_1mab ** 2, torch.ones_like(sqrt_ab), atol=1e-6)
-    betas = 1 - ab[1:] / ab[:-1]
+    betas = 1 - torch.cat([ab[:1], ab[1:] / ab[:-1]])
+    betas[0] = 1 - ab[0]
     assert torch.allclose(betas, torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), atol=1e-6)
-    assert 0.85 < ab[100] < 0.95 and 0.6 < ab[200] < 0.7 and ab[1000] < 1e-4
+    # the authors' values (np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))[t]): Alg. 2's t = 100 and 200 are theirs
+    assert abs(ab[100] - 0.8951415908975365) < 1e-6 and abs(ab[200] - 0.6563470055193468) < 1e-6
+    assert abs(ab[999] - 4.035829765375676e-05) < 1e-8
+    cos = D.make_schedule(D.Config(beta_schedule="cosine"))[0].double() ** 2
+    assert cos.shape == (1000,) and torch.all(cos[1:] < cos[:-1]) and cos[-1] < 1e-4 < 0.999 < cos[0]
 
 
 def test_eq2_eq5_round_trip_with_true_noise():
     model = D.DiffusionAD(tiny_cfg())
     x0 = torch.rand(4, 3, 32, 32)
     eps = torch.randn_like(x0)
-    t = torch.tensor([1, 100, 500, 1000])
+    t = torch.tensor([0, 100, 500, 999])
     x_t = model.q_sample(x0, t, eps)
-    assert torch.allclose(model.predict_x0(x_t, t, eps), x0, atol=2e-3)  # t = 1000 amplifies float error
+    assert torch.allclose(model.predict_x0(x_t, t, eps), x0, atol=2e-3)  # t = 999 amplifies float error
     assert torch.allclose(model.predict_x0(x_t, t, eps)[:3], x0[:3], atol=1e-5)
 
 
@@ -75,7 +80,7 @@ def test_network_output_shapes(size, mult):
     cfg = tiny_cfg(img_size=size, channel_mult=mult, attn_resolutions="16,8")
     model = D.DiffusionAD(cfg)
     x = torch.rand(2, 3, size, size)
-    assert model.denoiser(x, torch.tensor([1, 1000])).shape == (2, 3, size, size)
+    assert model.denoiser(x, torch.tensor([0, 999])).shape == (2, 3, size, size)
     assert model.seg(torch.cat([x, x], 1)).shape == (2, 1, size, size)
 
 
@@ -109,17 +114,21 @@ def test_paper_size_builds_with_default_multipliers():
     cfg = runs.check(D.Config(img_size=256, base_channels=32, seg_channels=4), runs.RunOptions(), D.channel_mult)[0]
     assert D.channel_mult(cfg) == (1, 1, 2, 2, 4, 4)
     assert D.DenoisingUNet(cfg)(torch.rand(1, 3, 256, 256), torch.tensor([5])).shape == (1, 3, 256, 256)
+    by_size = {s: D.channel_mult(D.Config(img_size=s)) for s in (32, 64, 128)}
+    assert by_size == {32: (1, 2, 3, 4), 64: (1, 2, 3, 4), 128: (1, 1, 2, 3, 4)}  # the authors' UNetModel
 
 
 # ---------------------------------------------------------------- Alg. 1
 
-def fixed_batch():
+def fixed_batch(source=False):
+    """3 normal + 3 synthetic images (a patch inverted) and their masks; source=True: also the images before."""
     g = torch.Generator().manual_seed(0)
     x0 = torch.rand(6, 3, 32, 32, generator=g)
+    clean = x0.clone()
     mask = torch.zeros(6, 1, 32, 32)
     mask[3:, :, 8:16, 8:16] = 1
     x0[3:, :, 8:16, 8:16] = 1 - x0[3:, :, 8:16, 8:16]
-    return x0, mask
+    return (x0, mask, clean) if source else (x0, mask)
 
 
 def test_training_steps_lower_the_loss_on_a_fixed_batch():
@@ -173,7 +182,7 @@ def test_bn_recalibration_uses_inference_time_steps(monkeypatch):
     restore = model.restore
     monkeypatch.setattr(model, "restore", lambda x0, t, eps: (seen.append(t), restore(x0, t, eps))[1])
     bn = next(m for m in model.seg.modules() if isinstance(m, torch.nn.BatchNorm2d))
-    D.recalibrate_bn(model, cfg, opts, trainset, torch.device("cpu"), 3)
+    runs.recalibrate_bn(model, cfg, opts, trainset, torch.device("cpu"), 3, D.to_model)
     assert set(torch.cat(seen).tolist()) <= {100, 200} and len(seen) == 3
     assert int(bn.num_batches_tracked) == 3 and bn.momentum == 0.1 and not model.training
     assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))
@@ -204,27 +213,33 @@ def test_batched_time_steps_equal_sequential():
     assert torch.allclose(scores, top, atol=1e-5)
 
 
-@pytest.mark.parametrize("pixel_range", ["0,1", "-1,1"])
-def test_restoration_is_clamped_to_the_pixel_range(pixel_range):
-    model = D.DiffusionAD(tiny_cfg(pixel_range=pixel_range))
-    lo = -1.0 if pixel_range == "-1,1" else 0.0
+@pytest.mark.parametrize("pixel_range,clamp", [("0,1", "0,1"), ("-1,1", "-1,1"), ("0,1", "-1,1")])
+def test_restoration_is_clamped_to_the_clamp_range(pixel_range, clamp):
+    model = D.DiffusionAD(tiny_cfg(pixel_range=pixel_range, clamp=clamp))
+    lo = -1.0 if clamp == "-1,1" else 0.0
+    assert D.Config().clamp == "-1,1" and D.Config().pixel_range == "0,1"  # the authors': (-1, 1) on images in [0, 1]
     x0 = torch.rand(2, 3, 32, 32) * (1 - lo) + lo
-    x0_hat, _ = model.restore(x0, torch.tensor([1000, 1000]), torch.randn(2, 3, 32, 32))
+    x0_hat, _ = model.restore(x0, torch.tensor([999, 999]), torch.randn(2, 3, 32, 32))
     assert x0_hat.min() >= lo and x0_hat.max() <= 1.0  # t = T divides by sqrt(alpha_bar) ~ 0.006
     assert x0_hat.min() == lo and x0_hat.max() == 1.0  # untrained: far outside, so it is clamped
 
 
 def test_train_t_limits_the_sampled_time_steps(monkeypatch):
-    seen = []
-    model = D.DiffusionAD(tiny_cfg(train_t=300))
-    monkeypatch.setattr(model, "restore", lambda x0, t, eps: (seen.append(t) or (x0, torch.zeros_like(x0))))
     x0, mask = fixed_batch()
-    for i in range(20):
-        model.losses(x0, mask, 3, torch.Generator().manual_seed(i))
-    t = torch.cat(seen)
-    assert t.min() >= 1 and t.max() <= 300 and t.max() > 200
+    drawn = {}
+    for train_t in (300, 2):
+        seen = []
+        model = D.DiffusionAD(tiny_cfg(train_t=train_t))
+        monkeypatch.setattr(model, "restore", lambda x0, t, eps: (seen.append(t) or (x0, torch.zeros_like(x0))))
+        for i in range(20):
+            model.losses(x0, mask, 3, torch.Generator().manual_seed(i))
+        drawn[train_t] = torch.cat(seen)
+    assert drawn[300].min() >= 0 and drawn[300].max() <= 299 and drawn[300].max() > 200  # t ~ U{0..299}
+    assert set(drawn[2].tolist()) == {0, 1}  # 0-based: t = 0 is drawn, t = train_t never
     with pytest.raises(SystemExit, match="--train-t"):
         tiny(train_t=1001)
+    with pytest.raises(SystemExit, match=r"--eval-t needs time steps in \[0, 999\]"):
+        tiny(eval_t="100,1000")
 
 
 def test_random_crops_keep_the_anomaly():
@@ -245,8 +260,8 @@ def test_random_crops_keep_the_anomaly():
 @pytest.mark.parametrize("ablation", ["seg-only", "ae", "denoise-only"])
 def test_ablations_train_and_infer(ablation):
     model = D.DiffusionAD(tiny_cfg(ablation=ablation))
-    x0, mask = fixed_batch()
-    out = model.losses(x0, mask, 3, torch.Generator().manual_seed(0))
+    x0, mask, clean = fixed_batch(source=True)
+    out = model.losses(x0, mask, 3, torch.Generator().manual_seed(0), source=clean)
     out["total"].backward()
     assert set(out) == {"seg-only": {"mask", "total"}, "ae": {"rec", "mask", "total"},
                         "denoise-only": {"noise", "total"}}[ablation]
@@ -268,9 +283,9 @@ def test_same_seed_same_run_and_checkpoint_loads_weights_only(tmp_path):
     ck = torch.load(folders[0] / "ckpt.pt", weights_only=True)
     assert ck["step"] == 3 and ck["config"]["max_steps"] == 3 and "optimizer" in ck
     model = D.build_model(runs.split(ck["config"], D.Config)[0], ck)
-    assert torch.equal(model.denoiser.inp.weight, ck["denoiser"]["inp.weight"])
+    assert torch.equal(model.denoiser.state_dict()["down.0.0.weight"], ck["denoiser"]["down.0.0.weight"])
     c = D.train(*tiny(data="synthetic", max_steps=3, seed=1, device="cpu", out=str(tmp_path / "c")))
-    assert not torch.equal(weights(c)["denoiser.inp.weight"], wa["denoiser.inp.weight"])
+    assert not torch.equal(weights(c)["denoiser.down.0.0.weight"], wa["denoiser.down.0.0.weight"])
 
 
 def test_resume_continues_the_same_trajectory(tmp_path):
@@ -366,17 +381,17 @@ def test_checkpoint_of_another_kind_is_a_clear_error(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit, match="junk.pt: not a readable"):
         runs.load_checkpoint(tmp_path / "junk.pt", D.Config)
-    model = D.DiffusionAD(tiny_cfg())  # an earlier version's checkpoint: a retired option that was off still loads
-    runs.save_checkpoint(tmp_path / "old.pt", model, torch.optim.Adam(model.parameters()), 0, *tiny())
-    state = torch.load(tmp_path / "old.pt", weights_only=True)
-    for value, ok in ((0.0, True), (0.99, False)):
-        state["config"]["ema"] = value
-        torch.save(state, tmp_path / "old.pt")
-        if ok:
-            assert runs.load_checkpoint(tmp_path / "old.pt", D.Config)[1:] == tiny()
-        else:
-            with pytest.raises(SystemExit, match="trained with --ema 0.99, which this version no longer has"):
-                runs.load_checkpoint(tmp_path / "old.pt", D.Config)
+    model = D.DiffusionAD(tiny_cfg())
+    runs.save_checkpoint(tmp_path / "new.pt", model, torch.optim.Adam(model.parameters()), 0, *tiny())
+    assert runs.load_checkpoint(tmp_path / "new.pt", D.Config)[1:] == tiny()
+    state = torch.load(tmp_path / "new.pt", weights_only=True)
+    del state["version"]  # an earlier version's checkpoint: other networks, 1-based t
+    torch.save(state, tmp_path / "old.pt")
+    with pytest.raises(SystemExit, match="old.pt: written by an earlier version of diffusionad .*retrain it"):
+        runs.load_checkpoint(tmp_path / "old.pt", D.Config)
+    torch.save({"unet_model_state_dict": {}, "seg_model_state_dict": {}, "args": {}}, tmp_path / "theirs.pt")
+    with pytest.raises(SystemExit, match="a checkpoint of the authors' train.py; convert it first: .* import-authors"):
+        runs.load_checkpoint(tmp_path / "theirs.pt", D.Config)
 
 
 # ---------------------------------------------------------------- the CLI end to end
@@ -674,7 +689,7 @@ def test_torchrun_data_parallel_on_cpu(tmp_path):
     ck = torch.load(run / "ckpt.pt", weights_only=True)
     assert ck["step"] == 4 and json.loads((run / "metrics.json").read_text())["steps"] == 4
     assert [r.split(",")[0] for r in (run / "log.csv").read_text().splitlines()[1:]] == ["1", "2", "3", "4"]
-    assert len(r0["seen"]) == len(r1["seen"]) == 2 * 3  # the resumed steps 3, 4: 3 items per rank and step
+    assert len(r0["seen"]) == len(r1["seen"]) == 2 * 6  # the resumed steps 3, 4: 6 distinct images per rank and step
 
 
 # ---------------------------------------------------------------- speed paths give the same numbers
@@ -809,7 +824,7 @@ def test_denoiser_warmup_trains_the_denoiser_alone_first(tmp_path):
     init = D.build_model(tiny_cfg())
     at2 = torch.load(run / "ckpt_2.pt", weights_only=True)
     assert all(torch.equal(v, at2["seg"][k]) for k, v in init.seg.state_dict().items())  # the seg net waited
-    assert not torch.equal(init.denoiser.inp.weight, at2["denoiser"]["inp.weight"])
+    assert not torch.equal(init.denoiser.state_dict()["down.0.0.weight"], at2["denoiser"]["down.0.0.weight"])
     with pytest.raises(SystemExit, match="--denoiser-warmup needs both networks"):
         tiny(denoiser_warmup=5, ablation="seg-only")
 
@@ -823,3 +838,59 @@ def test_an_images_score_does_not_depend_on_its_batch():
     assert np.allclose(scores, single[::-1], atol=1e-5)
     eps = D.inference_noise(0, 2, 32)
     assert eps.shape == (2, 3, 32, 32) and torch.equal(eps, D.inference_noise(0, 2, 32))
+
+
+# ---------------------------------------------------------------- bugs found when reading the authors' code
+
+def test_crops_of_an_image_and_of_its_anomaly_free_source_are_the_same_window():
+    """--crop with --ablation ae: the reconstruction target is cropped where its image is (the AE loss of an exact
+    autoencoder is zero); before, each image's crop was compared with another image's."""
+    cfg, opts = tiny(ablation="ae", crop=32, img_size=64, device="cpu")
+    fake = type("R", (), {"device": torch.device("cpu"), "opts": opts, "cfg": cfg, "world": 1, "rank": 0})()
+    g = torch.Generator().manual_seed(0)
+    clean = torch.rand(6, 3, 64, 64, generator=g)
+    x0, mask = clean.clone(), torch.zeros(6, 1, 64, 64)
+    mask[3:, :, 40:50, 5:15] = 1
+    x0[3:, :, 40:50, 5:15] = 1 - x0[3:, :, 40:50, 5:15]
+    xc, mc, sc, _ = runs.Run.inputs(fake, x0, mask, clean, step=3)
+    assert xc.shape == sc.shape == (6, 3, 32, 32)
+    assert torch.equal(xc * (1 - mc), sc * (1 - mc)) and mc[3:].flatten(1).sum(1).min() > 0
+    model = D.DiffusionAD(cfg)
+    model.denoiser.forward = lambda x: x.clamp(-1, 1)  # a perfect autoencoder of the anomaly-free crops
+    assert model.losses(sc, mc, 3, g, source=sc)["rec"].item() == 0.0
+
+
+def test_maps_under_bf16_autocast_are_not_quantised_to_bf16():
+    """--amp: the sigmoid of bf16 logits gave maps of bf16 values (ties in top-K, AUROC and PRO)."""
+    model = D.DiffusionAD(tiny_cfg()).eval()
+    x0 = torch.rand(4, 3, 32, 32)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        maps, scores, _ = model.anomaly_maps(x0, (100,), torch.randn(4, 3, 32, 32))
+    assert maps.dtype == torch.float32 and scores.dtype == torch.float32
+    representable = (maps == maps.bfloat16().float()).float().mean().item()
+    assert representable < 0.5, representable  # a float32 sigmoid: most values fall between bf16 steps
+
+
+def test_the_autoencoder_restoration_is_clamped_like_the_denoisers():
+    model = D.DiffusionAD(tiny_cfg(ablation="ae")).eval()
+    with torch.no_grad():
+        model.denoiser.out.weight.normal_(0, 100.0)  # outputs far outside the range
+        raw = model.denoiser(torch.rand(2, 3, 32, 32))
+        x_hat, _ = model.restore(torch.rand(2, 3, 32, 32), None, None)
+    assert raw.min() < -1 and raw.max() > 1 and x_hat.min() == -1.0 and x_hat.max() == 1.0
+
+
+def test_bn_recal_never_uses_the_held_out_slice_and_sets_the_threshold_again(tmp_path, monkeypatch, capsys):
+    run = D.train(*tiny(data="synthetic", max_steps=2, out=str(tmp_path / "r")))
+    stored = torch.load(run / "ckpt.pt", weights_only=True)["threshold"]["value"]
+    seen, recal = [], runs.recalibrate_bn
+    monkeypatch.setattr(runs, "recalibrate_bn", lambda model, cfg, opts, trainset, device, n, f: (
+        seen.extend(trainset[i]["path"] for i in range(len(trainset))), recal(model, cfg, opts, trainset, device, n, f)))
+    D.main(["eval", "--run", str(run), "--bn-recal", "2"])
+    out = capsys.readouterr().out
+    _, held = runs.training_split(runs.RunOptions(holdout=0.1), D.data.open_dataset("synthetic", "train", 32))
+    held_paths = {held[i]["path"] for i in range(len(held))}
+    assert len(seen) == 180 and not set(seen) & held_paths  # recalibrated on the 180 training images only
+    res = json.loads((run / "eval_ckpt_synthetic_t100+200_bnrecal2.json").read_text())
+    assert res["flagged"]["threshold"] != stored  # set again, on the held-out slice, with the recalibrated model
+    assert "quantile of the scores of 20 held-out normal images" in out

@@ -1,0 +1,141 @@
+"""The authors' networks and checkpoints: state_dict names, shapes and parameter counts against facts recorded
+from their released modules (tests/authors_state_dicts.json; no code of theirs is needed), and import-authors
+end to end: a checkpoint in their train.py's format imports strictly, evaluates, predicts and exports."""
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import authors
+import diffusionad as D
+import runs
+from test_diffusionad import make_mvtec_tree
+
+FACTS = json.loads((Path(__file__).parent / "authors_state_dicts.json").read_text())
+
+
+def shapes(sd):
+    return {k: list(v.shape) for k, v in sd.items()}
+
+
+def test_the_networks_are_the_authors_parameter_for_parameter():
+    paper = FACTS["paper"]
+    with torch.device("meta"):
+        cfg = D.Config()
+        fields = authors.authors_config(paper["args"])
+        assert {k: getattr(cfg, k) for k in fields if k != "channel_mult"} == \
+            {k: v for k, v in fields.items() if k != "channel_mult"}  # the paper's defaults are their args1.json
+        denoiser, seg, ae = D.DenoisingUNet(cfg), D.SegmentationUNet(6, cfg.seg_channels), D.Autoencoder(128)
+    theirs_unet, theirs_seg = authors.authors_weights(paper["unet_model_state_dict"], paper["seg_model_state_dict"])
+    assert shapes(denoiser.state_dict()) == theirs_unet  # the same names (theirs) and shapes, nothing more
+    assert shapes(seg.state_dict()) == theirs_seg  # DRAEM's discriminative net, under our names
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert count(denoiser) == 131_654_403 and count(seg) == 28_373_569  # the authors' modules at 256 px, base 128
+    assert count(ae) == 69_048_579  # DRAEM's reconstructive sub-network at base 128 (DRAEM+)
+    assert not any(isinstance(m, torch.nn.Conv2d) and m.stride == (2, 2) for m in denoiser.modules())  # pooling
+    assert sum(m.how == "down" for m in denoiser.modules() if isinstance(m, D.ResBlock)) == 5  # BigGAN-style
+    assert sum(m.how == "up" for m in denoiser.modules() if isinstance(m, D.ResBlock)) == 5
+
+
+def test_the_time_embedding_is_sines_then_cosines():
+    e = D.TimeEmbedding(8)(torch.tensor([0, 3]))
+    assert torch.equal(e[0], torch.tensor([0.0] * 4 + [1.0] * 4))  # sin(0) first, then cos(0)
+    assert torch.allclose(e[1, 0], torch.sin(torch.tensor(3.0))) and torch.allclose(e[1, 4], torch.cos(torch.tensor(3.0)))
+
+
+def test_attention_reads_q_k_v_of_each_head_in_turn():
+    att = D.Attention(64, 4).eval()
+    torch.manual_seed(0)
+    for p in att.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(2, 64, 4, 4)
+    qkv = att.to_qkv(att.norm(x.reshape(2, 64, 16)))  # (B, 3C, L): channels [h*48, h*48+16) are head h's q
+    heads = []
+    for h in range(4):
+        q, k, v = qkv[:, 48 * h: 48 * (h + 1)].split(16, dim=1)  # (B, 16, L) each
+        w = torch.softmax(torch.einsum("bcl,bcm->blm", q, k) / 4.0, dim=-1)  # 1/sqrt(16)
+        heads.append(torch.einsum("blm,bcm->bcl", w, v))
+    expected = x.reshape(2, 64, 16) + att.proj_out(torch.cat(heads, 1))
+    assert torch.allclose(att(x), expected.reshape(2, 64, 4, 4), atol=1e-5)
+
+
+def authors_checkpoint(path, facts=FACTS["small"], seed=0, args=None):
+    """A file as their train.py writes it (torch.save of unet/seg state_dicts, a defaultdict(str) of args and
+    n_epoch), with random weights of the recorded shapes and BatchNorm statistics away from 0 and 1."""
+    g = torch.Generator().manual_seed(seed)
+    def tensor(name, shape):
+        if name.endswith("num_batches_tracked"):
+            return torch.tensor(1000)
+        if name.endswith("running_var"):
+            return torch.rand(shape, generator=g) + 0.5
+        return torch.randn(shape, generator=g) * 0.05
+    unet = {k: tensor(k, s) for k, s in facts["unet_model_state_dict"].items()}
+    seg = {k: tensor(k, s) for k, s in facts["seg_model_state_dict"].items()}
+    torch.save({"n_epoch": 3000, "unet_model_state_dict": unet, "seg_model_state_dict": seg,
+                "args": defaultdict(str, args or facts["args"])}, path)
+    return unet, seg
+
+
+def test_an_authors_checkpoint_imports_strictly_and_runs_every_command(tmp_path, capsys):
+    unet, seg = authors_checkpoint(tmp_path / "params-best.pt")
+    cls = make_mvtec_tree(tmp_path, size=40)
+    run = tmp_path / "imported"
+    D.main(["import-authors", str(tmp_path / "params-best.pt"), "--out", str(run), "--data", str(cls),
+            "--threshold-from", str(cls / "test" / "good"), "--eval-batch", "4"])
+    out = capsys.readouterr().out
+    assert "importing" in out and "32 px, base 32, multipliers 1,2,3,4, T = 1000 (linear), clamp -1,1" in out
+    state, cfg, opts = runs.load_checkpoint(run / "ckpt.pt", D.Config)  # the documented way to the model
+    model = D.build_model(cfg, state).eval()
+    assert (cfg.img_size, cfg.base_channels, cfg.clamp, cfg.pixel_range, cfg.num_heads) == (32, 32, "-1,1", "0,1", 4)
+    assert all(torch.equal(model.denoiser.state_dict()[k], v) for k, v in unet.items())
+    ours = model.seg.state_dict()
+    assert all(torch.equal(ours[k], v) for k, v in authors.authors_weights({}, seg)[1].items()) and len(ours) == len(seg)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert model.denoiser(x, torch.tensor([100, 200])).shape == (2, 3, 32, 32)  # predicts eps
+        assert model.seg(torch.cat([x, x], 1)).shape == (2, 1, 32, 32)  # mask logits
+    m = json.loads((run / "metrics.json").read_text())  # evaluated on the class's test split at import
+    assert m["n_test_good"] == 3 and m["n_test_anomalous"] == 3 and m["imported"].endswith("params-best.pt")
+    assert state["threshold"]["n_held_out"] == 3 and state["imported"]["n_epoch"] == 3000
+    D.main(["eval", "--run", str(run)])  # the recorded data
+    assert (run / "eval_ckpt_toy_t100+200.json").is_file()
+    D.main(["predict", "--run", str(run), str(cls / "test" / "hole"), "--csv", str(tmp_path / "p.csv")])
+    assert "of 3 images flagged as anomalous" in capsys.readouterr().out
+    D.main(["export", "--run", str(run), "--out", str(tmp_path / "m.pt2")])
+    program = torch.export.load(str(tmp_path / "m.pt2")).module()
+    images = torch.stack([D.data.load_image(p, 32) for p in sorted((cls / "test" / "hole").iterdir())])
+    scores = D.run_inference(model, images, cfg, opts, torch.device("cpu"))[1]
+    assert np.allclose(program(images)[1].numpy(), scores, atol=1e-4)
+    bench = tmp_path / "bench"  # a benchmark folder of imported classes: the table reads it
+    bench.mkdir()
+    run.rename(bench / "toy")
+    assert "| toy |" in runs.write_table(bench)
+
+
+def test_an_imported_run_without_data_and_bad_files_are_one_clear_line(tmp_path):
+    authors_checkpoint(tmp_path / "p.pt")
+    D.main(["import-authors", str(tmp_path / "p.pt"), "--out", str(tmp_path / "r")])
+    with pytest.raises(SystemExit, match="names no data .*pass --data ROOT/CLASS"):
+        D.main(["eval", "--run", str(tmp_path / "r")])
+    with pytest.raises(SystemExit, match="ckpt.pt exists: pass a new --out"):
+        D.main(["import-authors", str(tmp_path / "p.pt"), "--out", str(tmp_path / "r")])
+    with pytest.raises(SystemExit, match="was imported from the authors' checkpoint and holds no optimizer state"):
+        D.main(["train", "--out", str(tmp_path / "r"), "--resume", "--img-size", "32", "--base-channels", "32"])
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(SystemExit, match="junk.pt: not a readable checkpoint"):
+        D.main(["import-authors", str(tmp_path / "junk.pt"), "--out", str(tmp_path / "j")])
+    torch.save({"denoiser": {}}, tmp_path / "ours.pt")
+    with pytest.raises(SystemExit, match="not a checkpoint of the authors' train.py"):
+        D.main(["import-authors", str(tmp_path / "ours.pt"), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="no file at"):
+        D.main(["import-authors", str(tmp_path / "none.pt"), "--out", str(tmp_path / "n")])
+    authors_checkpoint(tmp_path / "wide.pt", args={**FACTS["small"]["args"], "img_size": [32, 64]})
+    with pytest.raises(SystemExit, match=r"its args cannot be mapped.*\[32, 64\]: only square images"):
+        D.main(["import-authors", str(tmp_path / "wide.pt"), "--out", str(tmp_path / "w")])
+    authors_checkpoint(tmp_path / "other.pt", args={**FACTS["small"]["args"], "base_channels": 64})
+    with pytest.raises(SystemExit, match="other.pt: the weights do not fit the networks its args describe"):
+        D.main(["import-authors", str(tmp_path / "other.pt"), "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists() and not (tmp_path / "w").exists()  # nothing written on an error

@@ -262,7 +262,7 @@ class ImageDataset(Dataset):
         # (CLASS/DISthresh/good/<stem>.*); texture classes: the authors' random parts (CLASS/thresh/*)
         self.fg_dir = next((d for d in (root / "foreground", root / "DISthresh" / "good") if d.is_dir()), None)
         self.has_fg_masks = self.fg_dir is not None
-        self.thresh = _images(root / "thresh")
+        self.thresh, self._parts = _images(root / "thresh"), {}
         cls = root.name.lower()
         self.fg_kind = ("mask" if self.has_fg_masks else "texture" if layout == "dagm" or cls in TEXTURE_CLASSES
                         else "object" if cls in OBJECT_CLASSES else None)
@@ -297,7 +297,12 @@ class ImageDataset(Dataset):
 
     def texture_part(self, rng):
         """A random mask of the authors' CLASS/thresh/ (at least half its range), or None when there is none."""
-        return _half(_open(self.thresh[int(rng.integers(len(self.thresh)))]), self.img_size) if self.thresh else None
+        if not self.thresh:
+            return None
+        k = int(rng.integers(len(self.thresh)))
+        if k not in self._parts:                                 # read once per worker, packed
+            self._parts[k] = np.packbits(_half(_open(self.thresh[k]), self.img_size))
+        return np.unpackbits(self._parts[k], count=self.img_size ** 2).reshape(self.img_size, self.img_size).astype(bool)
 
 
 def _mvtec(root: Path, split: str):
@@ -765,8 +770,8 @@ class TrainSet(Dataset):
         if fg == "auto":
             fg = getattr(normal, "fg_kind", None) or self._guess_kind()
         if fg == "mask" and not getattr(normal, "has_fg_masks", False):
-            raise ValueError(f"foreground='mask' but {getattr(normal, 'fg_dir', 'this dataset')} has no "
-                             "foreground masks (expected CLASS/foreground/<image stem>.png)")
+            raise ValueError(f"foreground='mask' but {getattr(normal, 'root', 'this dataset')} has no foreground "
+                             "masks (expected CLASS/foreground/<image stem>.png or CLASS/DISthresh/good/<image stem>.png)")
         self.foreground, self._fg_cache = fg, {}
 
     def _guess_kind(self) -> str:

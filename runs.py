@@ -393,9 +393,10 @@ def open_train(cfg, opts):
 
 
 def make_trainset(cfg, opts, normal=None):
+    """Alg. 1's TrainSet over `normal` (default: the whole train split of opts.data)."""
+    normal = normal or open_train(cfg, opts)
     try:
-        return data.TrainSet(normal or data.open_dataset(opts.data, "train", cfg.img_size, foreground=cfg.foreground),
-                             seed=cfg.seed, texture_dir=cfg.texture_dir or None, foreground=cfg.foreground,
+        return data.TrainSet(normal, seed=cfg.seed, texture_dir=cfg.texture_dir or None, foreground=cfg.foreground,
                              shape=cfg.anomaly_shape, fill=cfg.anomaly_fill)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"{e}")

@@ -3,8 +3,8 @@
 python docs/seeds.py [--file metrics.json] NAME=RUN,RUN,... [NAME=...]
 Reads FILE (default metrics.json; e.g. eval_ckpt_pcb_t100+200.json for another evaluation) in each run
 folder and prints, per group: seeds, image AUROC, pixel AUROC, PRO, image F1-max, the reliance on the
-restoration (image AUROC / pixel AUROC / PRO drop with x0_hat := x0), restoration PSNR at each time step,
-and training minutes. Sample standard deviation (n - 1).
+restoration (image AUROC / pixel AUROC / PRO drop with x0_hat := x0), restoration PSNR at each time step
+(DRAEM+: of its reconstruction), training minutes and test images/s. Sample standard deviation (n - 1).
 """
 import argparse
 import json
@@ -27,18 +27,20 @@ def main():
     p.add_argument("groups", nargs="+", help="NAME=RUN,RUN,...")
     a = p.parse_args()
     print("| method | seeds | Image AUROC | Pixel AUROC | PRO | Image F1-max | reliance: image AUROC | pixel AUROC "
-          "| PRO | PSNR (dB) | train min |")
-    print("|---" * 11 + "|")
+          "| PRO | PSNR (dB) | train min | FPS |")
+    print("|---" * 12 + "|")
     for group in a.groups:
         name, runs = group.split("=", 1)
         ms = [json.loads((Path(r) / a.file).read_text()) for r in runs.split(",")]
         rel = lambda k: fmt([m.get("reliance", {}).get(k) for m in ms])
         ts = list(ms[0].get("restoration_psnr_good", {}))
-        psnr = ", ".join(f"t={t} {fmt([m['restoration_psnr_good'][t] for m in ms], 1.0)}" for t in ts) or "-"
+        psnr = ", ".join(f"{'t=' * t.isdigit()}{t} {fmt([m['restoration_psnr_good'][t] for m in ms], 1.0)}"
+                         for t in ts) or "-"
         train = fmt([m.get("train_seconds") for m in ms], 1 / 60)
         print(f"| {name} | {len(ms)} | " + " | ".join(fmt([m.get(k) for m in ms]) for k in
               ("image_auroc", "pixel_auroc", "pixel_pro", "image_f1_max"))
-              + f" | {rel('image_auroc')} | {rel('pixel_auroc')} | {rel('pixel_pro')} | {psnr} | {train} |")
+              + f" | {rel('image_auroc')} | {rel('pixel_auroc')} | {rel('pixel_pro')} | {psnr} | {train} | "
+              f"{fmt([m.get('fps') for m in ms], 1.0)} |")
 
 
 if __name__ == "__main__":

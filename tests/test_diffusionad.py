@@ -61,8 +61,9 @@ def test_schedule_properties():
     # the authors' values (np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))[t]): Alg. 2's t = 100 and 200 are theirs
     assert abs(ab[100] - 0.8951415908975365) < 1e-6 and abs(ab[200] - 0.6563470055193468) < 1e-6
     assert abs(ab[999] - 4.035829765375676e-05) < 1e-8
-    cos = D.make_schedule(D.Config(beta_schedule="cosine"))[0].double() ** 2
+    cos = D.make_schedule(D.Config(beta_schedule="cosine"))[0].double() ** 2  # the authors' "cosine" option
     assert cos.shape == (1000,) and torch.all(cos[1:] < cos[:-1]) and cos[-1] < 1e-4 < 0.999 < cos[0]
+    assert abs(cos[100] - 0.9715756818078386) < 1e-6 and abs(cos[200] - 0.8977629134837037) < 1e-6
 
 
 def test_eq2_eq5_round_trip_with_true_noise():

@@ -304,4 +304,5 @@ def test_seeds_script_gives_mean_and_sample_std(tmp_path):
                           f"full={tmp_path / 'r0'},{tmp_path / 'r1'}"], capture_output=True, text=True, check=True).stdout
     row = out.splitlines()[2].split(" | ")
     assert row[:3] == ["| full", "2", "85.0 ± 7.1"] and row[4] == "-"          # std with n - 1; no PRO: "-"
-    assert row[6] == "3.0 ± 2.8" and row[9] == "t=100 25.0 ± 0.0, t=200 21.5 ± 0.7" and row[10] == "10.0 ± 0.0 |"
+    assert row[6] == "3.0 ± 2.8" and row[9] == "t=100 25.0 ± 0.0, t=200 21.5 ± 0.7" and row[10] == "10.0 ± 0.0"
+    assert row[11] == "- |"  # no FPS recorded

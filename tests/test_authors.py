@@ -139,3 +139,10 @@ def test_an_imported_run_without_data_and_bad_files_are_one_clear_line(tmp_path)
     with pytest.raises(SystemExit, match="other.pt: the weights do not fit the networks its args describe"):
         D.main(["import-authors", str(tmp_path / "other.pt"), "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists() and not (tmp_path / "w").exists()  # nothing written on an error
+
+
+def test_channels_per_head_set_the_heads_of_each_attention_layer():
+    cfg = runs.check(*runs.split({"img_size": 32, "base_channels": 16, "channel_mult": "1,2", "attn_resolutions": "32,16",
+                                  "num_head_channels": 8}, D.Config), D.channel_mult)[0]
+    heads = {m.norm.num_channels: m.heads for m in D.DenoisingUNet(cfg).modules() if isinstance(m, D.Attention)}
+    assert heads == {16: 2, 32: 4}  # the authors' n_head_channels: width // channels per head

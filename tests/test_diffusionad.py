@@ -368,6 +368,12 @@ def test_bad_config_and_flags():
         tiny(batch_size=5)
     with pytest.raises(SystemExit, match="--ablation must be one of"):
         tiny(ablation="vae")
+    with pytest.raises(SystemExit, match="--clamp must be two numbers LOW,HIGH with LOW < HIGH"):
+        tiny(clamp="1,-1")
+    with pytest.raises(SystemExit, match="--beta-schedule must be one of linear, cosine"):
+        tiny(beta_schedule="quadratic")
+    with pytest.raises(SystemExit, match="--base-channels 16 must be divisible by --num-head-channels 12"):
+        tiny(num_head_channels=12)
     with pytest.raises(SystemExit):  # argparse: unknown flag
         D.main(["train", "--no-such-flag", "1"])
     with pytest.raises(SystemExit):  # no abbreviations either

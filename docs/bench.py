@@ -69,7 +69,7 @@ def bench_training(cfg, opts, device, train_size, train_steps, mem):
         name = "plain (fp32, NCHW, .item() per step)" if not shipped else \
             f"shipped ({'bf16' if o.amp else 'fp32'}, {'NHWC' if fmt == torch.channels_last else 'NCHW'}" \
             f"{', compiled' if o.compile else ''}{', fused Adam' if device.type == 'cuda' else ''}, no per-step sync)"
-        print(f"  {name}: {B / step_s:.2f} samples/s, {n:.1f}M params, {mem} {peak_memory_mb(device):.0f} MiB")
+        print(f"  {name}: {B / step_s:.3g} samples/s, {n:.1f}M params, {mem} {peak_memory_mb(device):.0f} MiB")
         model = opt = None  # free before the next model is built
     if opts.workers:
         trainset = runs.make_trainset(tcfg, opts)
@@ -112,7 +112,7 @@ def bench_inference(cfg, opts, device, n_images, mem):
         fn = naive if o is None else (lambda o=o: D.run_inference(model, images, cfg, o, device))
         fps = n_images / timed(fn, device)
         base_fps = base_fps or fps
-        print(f"  {name}: {fps:.2f} images/s ({fps / base_fps:.2f}x), {mem} {peak_memory_mb(device):.0f} MiB")
+        print(f"  {name}: {fps:.3g} images/s ({fps / base_fps:.2f}x), {mem} {peak_memory_mb(device):.0f} MiB")
     if opts.compile:
         print("  " + runs.compile_report())
 

@@ -559,8 +559,16 @@ def wait_for(cond, timeout=120):
         time.sleep(0.05)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_24(tmp_path_factory):
+    """The weights of the 24-step run that the interrupted ones must reach; trained once for both signals."""
+    out = tmp_path_factory.mktemp("ref") / "ref"
+    D.train(*tiny(data="synthetic", ckpt_every=4, max_steps=24, device="cpu", out=str(out)))
+    return weights(out)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_interrupted_training_resumes_to_the_same_weights(tmp_path, sig):
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, sig, uninterrupted_24):
     flags = tiny_flags(data="synthetic", ckpt_every=4) + ["--max-steps", "24", "--device", "cpu"]
     cmd = [sys.executable, "diffusionad.py", "train", *flags, "--out", str(tmp_path / "run")]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -575,8 +583,7 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, sig):
     else:  # kill -9: at most --ckpt-every steps lost
         assert proc.returncode == -signal.SIGKILL and step % 4 == 0
     subprocess.run(cmd + ["--resume"], cwd=ROOT, check=True, capture_output=True, timeout=300)
-    D.train(*tiny(data="synthetic", ckpt_every=4, max_steps=24, device="cpu", out=str(tmp_path / "ref")))
-    a, b = weights(tmp_path / "run"), weights(tmp_path / "ref")
+    a, b = weights(tmp_path / "run"), uninterrupted_24
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     rows = [r.split(",")[0] for r in (tmp_path / "run" / "log.csv").read_text().splitlines()[1:]]
     assert rows == [str(i) for i in range(1, 25)]

@@ -3,7 +3,7 @@
 What the authors' train.py (HuiZhang0812/DiffusionAD) saves: their UNetModel's and SegmentationSubNetwork's
 state_dicts, their `args` (args/args1.json plus what train.py added) and the epoch. Our denoiser has their
 UNetModel's names and shapes; our seg net is DRAEM's discriminative net under other names (authors_weights).
-authors_config maps their args to Config, the clamp included, so that an imported model restores exactly as
+authors_config maps their args to Config, so that an imported model restores exactly as
 their code does (docs/authors_check.py compares the outputs with their modules). Like timm's converters: the
 mapping is facts about their files; none of their code is here.
 """
@@ -20,8 +20,8 @@ import runs
 
 def authors_config(args, seg=None):
     """The fields of Config that a checkpoint of the authors' train.py fixes, from its `args` (args/args1.json plus
-    what train.py added): their UNetModel and GaussianDiffusionModel as train.py builds them, the clamp of their
-    predict_x_0_from_eps, images in [0, 1], the seg net's width from its first convolution in `seg` (their
+    what train.py added): their UNetModel and GaussianDiffusionModel as train.py builds them (images in [0, 1] and
+    x0_hat clamped to (-1, 1), as DiffusionAD.restore does), the seg net's width from its first convolution in `seg` (their
     state_dict; train.py: 64). ValueError for what we cannot run."""
     size = args.get("img_size", 256)
     size = size if isinstance(size, int) else list(size)
@@ -31,8 +31,8 @@ def authors_config(args, seg=None):
     mult = args.get("channel_mults", "") or ""
     mult = ",".join(str(int(m)) for m in mult) if not isinstance(mult, str) else mult
     schedule, T = args.get("beta_schedule", "linear"), int(args.get("T", 1000))
-    if schedule not in ("linear", "cosine"):
-        raise ValueError(f"beta_schedule {schedule!r}: only linear and cosine exist in the authors' code")
+    if schedule != "linear":
+        raise ValueError(f"beta_schedule {schedule!r}: only the linear schedule (the paper's, args1.json's) is supported")
     if int(args.get("channels", 3)) != 3:
         raise ValueError(f"channels {args['channels']}: only RGB models (3 channels) are supported")
     head_channels = args.get("num_head_channels", -1)
@@ -40,9 +40,8 @@ def authors_config(args, seg=None):
     return dict(img_size=int(size), base_channels=int(args.get("base_channels", 128)), channel_mult=mult,
                 num_res_blocks=2, attn_resolutions="32,16,8",  # train.py passes neither: UNetModel's defaults
                 num_heads=int(args.get("num_heads", 1)), num_head_channels=int(head_channels if head_channels != "" else -1),
-                dropout=float(args.get("dropout", 0) or 0), timesteps=T, beta_schedule=schedule,
+                dropout=float(args.get("dropout", 0) or 0), timesteps=T,
                 beta_start=1e-4 * 1000 / T, beta_end=0.02 * 1000 / T,  # their linear schedule, scaled to T
-                pixel_range="0,1", clamp="-1,1", ablation="none",
                 seg_channels=int(first.shape[0]) if first is not None else 64)
 
 
@@ -106,20 +105,17 @@ def import_cmd(a):
     if (folder / "ckpt.pt").exists():
         raise SystemExit(f"{folder / 'ckpt.pt'} exists: pass a new --out")
     test = runs.open_test(None, opts, cfg.img_size) if a.data else None
-    problems = data.check_split(test) if test is not None else []
-    if problems:
-        raise SystemExit(f"{a.data}: {len(problems)} unreadable test file(s):\n  " + "\n  ".join(problems[:10]))
     try:
         normal = [{"image": data.load_image(f, cfg.img_size)} for f in data.list_images([a.threshold_from])] \
             if a.threshold_from else []
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"--threshold-from: {e}")
     print(f"importing {a.params} (epoch {ckpt.get('n_epoch')}): {cfg.img_size} px, base {cfg.base_channels}, "
-          f"multipliers {','.join(map(str, D.channel_mult(cfg)))}, T = {cfg.timesteps} ({cfg.beta_schedule}), "
-          f"clamp {cfg.clamp}")
+          f"multipliers {','.join(map(str, D.channel_mult(cfg)))}, T = {cfg.timesteps}")
     device = runs.pick_device(opts)
     model = model.to(device).eval()
-    threshold = D.held_out_threshold(model, normal, cfg, opts, device) if normal else None
+    threshold = runs.threshold_summary(D.run_inference(model, torch.stack([n["image"] for n in normal]), cfg, opts,
+                                                       device)[1], opts.threshold_quantile, cfg) if normal else None
     try:
         folder.mkdir(parents=True, exist_ok=True)
         runs.atomic_write(folder / "config.json", json.dumps({**asdict(cfg), **asdict(opts)}, indent=2))

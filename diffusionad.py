@@ -1,22 +1,23 @@
 """DiffusionAD in one file: anomaly detection as noise-to-norm.
 
-Zhang et al., "DiffusionAD: Norm-guided One-step Denoising Diffusion for Anomaly Detection" (2023).
-A query image x0 is corrupted with Gaussian noise (Eq. 2), a denoising UNet predicts the noise and a
-flawless approximation x0_hat is restored in ONE step (Eq. 5); a segmentation UNet compares
-cat(x0, x0_hat) and outputs a pixel-wise anomaly map. Training (Alg. 1) uses normal images plus
-synthetic anomalies (data.py, Sec. 3.3); inference (Alg. 2) averages the maps at t = 100 and t = 200 and
-scores an image by the mean of its top-50 map values.
+Zhang et al., "DiffusionAD: Norm-guided One-step Denoising Diffusion for Anomaly Detection" (arXiv 2303.08730,
+2023). A query image x0 is corrupted with Gaussian noise (Eq. 2), a denoising UNet predicts the noise and a
+flawless approximation x0_hat is restored in ONE step (Eq. 5); a segmentation UNet compares cat(x0, x0_hat) and
+outputs a pixel-wise anomaly map. Training (Alg. 1) uses normal images plus synthetic anomalies (data.py, Sec.
+3.3); inference (Alg. 2) averages the maps at t = 100 and t = 200 and scores an image by the mean of its top-50
+map values.
 
-Read top to bottom: Config -> schedule (Eq. 1-2) -> denoiser -> segmentation net -> DiffusionAD (Eq. 2,
-5-8, Alg. 1's losses, Alg. 2) -> Alg. 1 as a training loop -> Alg. 2's evaluation -> the command line.
-The model part (down to DiffusionAD) needs torch alone; run plumbing is in runs.py, data in data.py,
-metrics in metrics.py. Deviations from the paper and the authors' code: README.md, "Deviations".
+Top to bottom, in the paper's order: Config -> linear beta schedule (Eq. 1-2) -> denoising UNet -> segmentation
+UNet -> DiffusionAD (Eq. 2, 5-8, Alg. 1's losses, Alg. 2) -> Alg. 1 as a training loop -> Alg. 2 over a test
+split -> the `train` and `eval` verbs. The model section (Config to build_model) uses torch alone: copy it out.
+Beside this file: ablations.py (Table 3's variants), authors.py (the authors' checkpoints), runs.py (run plumbing
+and our recipe options), data.py (layouts, the synthesizer), metrics.py, tools.py (predict, export, bench,
+table). Differences from the paper and the authors' code: README.md, "Deviations".
 """
 import math
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 
 import data
 import metrics
+import runs
 
 
 def arg(default, help):
@@ -33,74 +35,43 @@ def arg(default, help):
 
 @dataclass
 class Config:
-    """The method. Every field is a flag (`img_size` -> `--img-size`); defaults are the paper's (Sec. 4.2), and the
-    authors' released code where the paper is silent. How a run is done (data, device, run folder...) is
-    runs.RunOptions."""
-    img_size: int = arg(256, "image side, Sec. 4.2")
-    crop: int = arg(0, "if > 0, train on crops of this side that keep part of the anomaly; eval whole images (ours)")
-    pixel_range: str = arg("0,1", "range fed to the networks, '0,1' or '-1,1' (authors' code: 0,1)")
-    clamp: str = arg("-1,1", "x0_hat's range before the seg net (authors' code: -1,1 on images in 0,1; ours: 0,1)")
-    foreground: str = arg("auto", "synthesis foreground: auto|mask|object|texture|none (data.py, Sec. 3.3)")
-    texture_dir: str = arg("", "anomaly source textures such as DTD (Sec. 3.3): textures use them alone, objects half "
-                           "the time, self-augmentation otherwise (authors' code); empty = self-augmentation")
-    anomaly_shape: str = arg("perlin", "synthetic anomaly masks: perlin (paper) | curves (thin scratch-like "
-                             "strokes) | mixed (half each) | small (PCB-sized spots and strokes) (ours; data.py)")
-    anomaly_fill: str = arg("blend", "synthetic anomaly content: blend (Eq. 9, paper) | invert (1 - N inside the mask: "
-                            "the other material of a binarised image such as a PCB scan; ours)")
-    timesteps: int = arg(1000, "T, Sec. 4.2; time steps t = 0..T-1 (Eq. 2, authors' code)")
-    train_t: int = arg(0, "Alg. 1 draws t ~ U{0..train_t-1}; 0 = T (paper; the authors' later code: < 300)")
-    beta_schedule: str = arg("linear", "linear (Eq. 1, paper) | cosine (in the authors' code; for imported models)")
-    beta_start: float = arg(1e-4, "beta_0 of the linear schedule, Sec. 4.2")
-    beta_end: float = arg(0.02, "beta_{T-1} of the linear schedule: 0.02 as DDPM and the authors' code (paper text: 1e-2)")
-    base_channels: int = arg(128, "denoiser width, Sec. 4.2 (--ablation ae: the autoencoder's, DRAEM: 128)")
+    """The paper's method. Every field is a flag (`img_size` -> `--img-size`); defaults are the paper's, and the
+    authors' released code where the paper is silent. Our recipe options and how a run is done are runs.RunOptions."""
+    img_size: int = arg(256, "image side (Sec. 4.2)")
+    timesteps: int = arg(1000, "T (Sec. 4.2); time steps t = 0..T-1 (Eq. 2, the authors' code)")
+    beta_start: float = arg(1e-4, "beta_1 of the linear schedule (Eq. 1, Sec. 3.1)")
+    beta_end: float = arg(0.02, "beta_T of the linear schedule: 0.02 as DDPM and the authors' code (Sec. 3.1: 1e-2)")
+    base_channels: int = arg(128, "denoiser width (Sec. 4.2)")
     channel_mult: str = arg("", "denoiser level multipliers; empty = by size, 1,1,2,2,4,4 at 256 (authors' code)")
     num_res_blocks: int = arg(2, "residual blocks per level (authors' code)")
-    attn_resolutions: str = arg("32,16,8", "self-attention resolutions, Sec. 4.2 (and the middle block); '' = no "
-                                "attention, a fully convolutional denoiser (ours: for --crop training)")
-    num_heads: int = arg(4, "attention heads, Sec. 4.2")
+    attn_resolutions: str = arg("32,16,8", "self-attention resolutions (Sec. 4.2) and the middle block; '' = none")
+    num_heads: int = arg(4, "attention heads (Sec. 4.2)")
     num_head_channels: int = arg(-1, "if > 0, channels per attention head instead of --num-heads (authors' code)")
     dropout: float = arg(0.0, "denoiser dropout (authors' code)")
     seg_channels: int = arg(64, "segmentation net base width (DRAEM's discriminative net, the authors' code)")
-    gamma: float = arg(5.0, "focal-loss weight in L_mask, Eq. 7 / Sec. 4.2")
-    batch_size: int = arg(6, "images per step, half normal, half synthetic from other normal images: 3 + 3, Sec. 4.2")
-    lr: float = arg(1e-4, "Adam learning rate, one optimizer over both networks, Sec. 4.2")
-    lr_schedule: str = arg("constant", "constant (paper) | cosine: decay to 0 at the last step of "
-                             "max_steps/epochs (ours; a resume with more steps stretches the decay)")
-    seg_grad: str = arg("full", "the mask loss's gradient into the denoiser through Eq. 5: full (paper) | none (ours)")
-    denoiser_warmup: int = arg(0, "the first N steps train the denoiser alone (L_noise), then Eq. 8's joint loss (ours)")
-    epochs: int = arg(500, "training epochs (each normal image once per epoch, as a normal or a synthetic one), Sec. 4.2")
-    max_steps: int = arg(0, "if > 0, train this many steps instead of `epochs` (ours, for CPU budgets)")
-    eval_t: str = arg("100,200", "inference time steps whose maps are averaged, Sec. 4.2 / Table 4")
-    top_k: int = arg(50, "image score = mean of the top-K map values, Sec. 3.4")
-    ablation: str = arg("none", "Table 3: none | seg-only | ae (DRAEM+: DRAEM's autoencoder, L2 + SSIM) | denoise-only")
-    seed: int = arg(0, "seed for weights, batches, training noise and evaluation noise")
+    gamma: float = arg(5.0, "focal-loss weight in L_mask (Eq. 7, Sec. 4.2)")
+    batch_size: int = arg(6, "images per step: 3 normal + 3 synthetic, each from another normal image (Sec. 4.2)")
+    lr: float = arg(1e-4, "Adam learning rate, one optimizer over both networks (Sec. 4.2)")
+    epochs: int = arg(500, "training epochs, each normal image once per epoch as normal or synthetic (Sec. 4.2)")
+    foreground: str = arg("auto", "where anomalies are synthesized: auto|mask|object|texture|none (Sec. 3.3, data.py)")
+    texture_dir: str = arg("", "anomaly source images, DTD (Sec. 3.3): textures use them alone, objects half the time "
+                           "(authors' code); empty = self-augmentation only")
+    eval_t: str = arg("100,200", "inference time steps whose maps are averaged (Sec. 4.2, Table 4)")
+    top_k: int = arg(50, "image score = mean of the top-K map values (Sec. 3.4)")
+    seed: int = arg(0, "seed of the weights, batches, training noise and inference noise")
 
 
 def ints(text):
     return tuple(int(v) for v in str(text).split(",") if v.strip())
 
 
-# ----------------------------------------------------------------------------- schedule (Eq. 1-2), pixel range
-
-def to_model(x, cfg):
-    """data.py yields images in [0, 1]; the networks see cfg.pixel_range."""
-    return x * 2.0 - 1.0 if cfg.pixel_range == "-1,1" else x
-
-
-def from_model(x, cfg):
-    return ((x + 1.0) / 2.0 if cfg.pixel_range == "-1,1" else x).clamp(0, 1)
-
+# ----------------------------------------------------------------------------- linear schedule (Eq. 1-2)
 
 def make_schedule(cfg):
-    """alpha_bar_t = prod_{i=0}^{t} (1 - beta_i) for t = 0..T-1, as the paper writes it and the authors' code
-    indexes it (t = 0 is one step of noise; the network receives this t). In float64, stored as float32 (T,)."""
-    T = cfg.timesteps
-    if cfg.beta_schedule == "linear":
-        betas = torch.linspace(cfg.beta_start, cfg.beta_end, T, dtype=torch.float64)  # Eq. (1)
-    else:  # cosine: alpha_bar follows cos^2 (Nichol & Dhariwal 2021), each beta at most 0.999
-        f = lambda s: torch.cos((s / T + 0.008) / 1.008 * math.pi / 2) ** 2
-        s = torch.arange(T, dtype=torch.float64)
-        betas = (1 - f(s + 1) / f(s)).clamp(max=0.999)
+    """sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t) for t = 0..T-1, alpha_bar_t = prod_{i=0}^{t} (1 - beta_i), as the
+    paper writes it and the authors' code indexes it (t = 0 is one step of noise; the network receives this t).
+    In float64, stored as float32 (T,)."""
+    betas = torch.linspace(cfg.beta_start, cfg.beta_end, cfg.timesteps, dtype=torch.float64)  # Eq. (1)
     alphas_bar = torch.cumprod(1.0 - betas, 0)  # Eq. (2)
     return alphas_bar.sqrt().float(), (1.0 - alphas_bar).sqrt().float()
 
@@ -282,30 +253,8 @@ class SegmentationUNet(nn.Module):
         return self.out(x)
 
 
-class Autoencoder(nn.Module):
-    """DRAEM's reconstructive sub-network, for DRAEM+ (Table 3), no skip connections: 5 encoder levels of two
-    conv-BN-ReLU (w, 2w, 4w, 8w, 8w), max-pooled between; 4 decoder levels of a bilinear x2 upsampling with
-    conv-BN-ReLU, then two conv-BN-ReLU, the second narrowing (8w->4w->2w->w->w); a 3x3 convolution to 3 channels."""
-    def __init__(self, base):
-        super().__init__()
-        enc = [base * min(2 ** i, 8) for i in range(5)]  # 128, 256, 512, 1024, 1024 at base 128
-        wide, narrow = enc[3::-1], enc[2::-1] + [base]  # 1024, 512, 256, 128 -> 512, 256, 128, 128
-        self.enc = nn.ModuleList(nn.Sequential(*cbr(3 if i == 0 else enc[i - 1], enc[i]), *cbr(enc[i], enc[i]))
-                                 for i in range(5))
-        self.up = nn.ModuleList(nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
-                                              *cbr(w, w)) for w in wide)
-        self.dec = nn.ModuleList(nn.Sequential(*cbr(w, w), *cbr(w, n)) for w, n in zip(wide, narrow))
-        self.out = nn.Conv2d(base, 3, 3, padding=1)
 
-    def forward(self, x):
-        for i, block in enumerate(self.enc):
-            x = block(x if i == 0 else F.max_pool2d(x, 2))
-        for up, dec in zip(self.up, self.dec):
-            x = dec(up(x))
-        return self.out(x)
-
-
-# ----------------------------------------------------------------------------- the model and its losses
+# ----------------------------------------------------------------------------- the method: Eq. 2, 5-8, Alg. 1, Alg. 2
 
 def focal_loss(logits, target, alpha=0.5, focusing=4.0):
     """Binary focal loss from logits, the authors' constants: mean of alpha * (1 - p_t)^4 * -log(p_t)."""
@@ -313,32 +262,25 @@ def focal_loss(logits, target, alpha=0.5, focusing=4.0):
     return (alpha * (1.0 - torch.exp(-ce)) ** focusing * ce).mean()
 
 
-def ssim_loss(x, y, data_range):
-    """1 - SSIM (Wang et al. 2004) as DRAEM trains its autoencoder with it: an 11x11 Gaussian window (sigma 1.5) per
-    channel, zero padding, C1 = (0.01 L)^2, C2 = (0.03 L)^2 for the data range L, the mean over all pixels."""
-    g = torch.exp(-(torch.arange(11, dtype=x.dtype, device=x.device) - 5) ** 2 / (2 * 1.5 ** 2))
-    w = (g[:, None] * g[None, :] / g.sum() ** 2).expand(x.shape[1], 1, 11, 11)
-    blur = lambda z: F.conv2d(z, w, padding=5, groups=x.shape[1])
-    mx, my = blur(x), blur(y)
-    vx, vy, cov = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    ssim = (2 * mx * my + c1) * (2 * cov + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
-    return 1.0 - ssim.mean()
+def mask_loss(logits, mask, gamma):
+    """Eq. (7): L_mask = SmoothL1(M_hat, M) + gamma * Focal(M_hat, M), M_hat = sigmoid(logits)."""
+    return F.smooth_l1_loss(torch.sigmoid(logits), mask) + gamma * focal_loss(logits, mask)
 
 
 class DiffusionAD(nn.Module):
-    """Both sub-networks plus the schedule. `ablation` selects a Table 3 variant."""
+    """The denoising sub-network, the segmentation sub-network and the schedule. Images in [0, 1], as data.py
+    yields them and the authors' code trains."""
     def __init__(self, cfg):
         super().__init__()
-        self.cfg, self.ablation = cfg, cfg.ablation
-        self.clamp = tuple(float(v) for v in cfg.clamp.split(","))  # x0_hat's range (authors' code: -1, 1)
-        self.denoiser = (None if cfg.ablation == "seg-only" else Autoencoder(cfg.base_channels) if cfg.ablation == "ae"
-                         else DenoisingUNet(cfg))
-        seg_in = 3 if cfg.ablation == "seg-only" else 6
-        self.seg = SegmentationUNet(seg_in, cfg.seg_channels) if cfg.ablation != "denoise-only" else None
+        self.cfg = cfg
+        self.build(cfg)
         sqrt_ab, sqrt_1mab = make_schedule(cfg)
         self.register_buffer("sqrt_ab", sqrt_ab, persistent=False)  # derived from cfg, not saved
         self.register_buffer("sqrt_1mab", sqrt_1mab, persistent=False)
+
+    def build(self, cfg):
+        self.denoiser = DenoisingUNet(cfg)  # eps_theta(x_t, t)
+        self.seg = SegmentationUNet(6, cfg.seg_channels)  # on cat(x0, x0_hat)
 
     def q_sample(self, x0, t, eps):
         return extract(self.sqrt_ab, t) * x0 + extract(self.sqrt_1mab, t) * eps  # Eq. (2)
@@ -347,74 +289,60 @@ class DiffusionAD(nn.Module):
         return (x_t - extract(self.sqrt_1mab, t) * eps_hat) / extract(self.sqrt_ab, t)  # Eq. (5)
 
     def restore(self, x0, t, eps):
-        """One-step noise-to-norm: x0 (B,3,H,W) -> (x0_hat, eps_hat). The AE ablation ignores t and eps."""
-        if self.ablation == "ae":  # DRAEM+: the autoencoder reconstructs x0 directly
-            return self.denoiser(x0).clamp(*self.clamp), None
-        x_t = self.q_sample(x0, t, eps)  # Alg. 1 / Alg. 2: corrupt
-        eps_hat = self.denoiser(x_t, t)  # Alg. 1 / Alg. 2: predict the noise
-        x0_hat = self.predict_x0(x_t, t, eps_hat)  # Eq. (5): one step back to x0
-        return x0_hat.clamp(*self.clamp), eps_hat
+        """Noise-to-norm in one step: x0 (B,3,H,W), t (B,), eps (B,3,H,W) -> x0_hat, clamped to (-1, 1) as the
+        authors' predict_x_0_from_eps is."""
+        x_t = self.q_sample(x0, t, eps)  # corrupt
+        return self.predict_x0(x_t, t, self.denoiser(x_t, t)).clamp(-1, 1)  # Eq. (5)
 
     def segment(self, x0, x0_hat):
-        """Mask logits (B,1,H,W) from cat(x0, x0_hat); the seg-only ablation sees x0 alone."""
-        return self.seg(x0 if self.ablation == "seg-only" else torch.cat([x0, x0_hat], dim=1))
+        """Mask logits M (B,1,H,W) from cat(x0, x0_hat)."""
+        return self.seg(torch.cat([x0, x0_hat], dim=1))
 
-    def losses(self, x0, mask, n_normal, generator, joint=True, source=None):
-        """Alg. 1 on one batch. x0 (B,3,H,W): n_normal normal images first, then synthetic ones; mask (B,1,H,W).
-        source: the anomaly-free image of each (needed by the AE ablation alone). joint=False: L_noise alone
-        (ours: --denoiser-warmup)."""
-        B, T = x0.shape[0], self.cfg.train_t or self.cfg.timesteps
-        t = torch.randint(0, T, (B,), generator=generator).to(x0.device)  # Alg. 1: t ~ U{0..T-1}
-        eps = torch.randn(x0.shape, generator=generator).to(x0.device)  # Alg. 1: eps ~ N(0, I)
-        out, x0_hat = {}, None
-        if self.denoiser is not None:
-            x0_hat, eps_hat = self.restore(x0, t, eps)
-            if self.ablation == "ae":  # DRAEM+: reconstruct the normal image under the anomaly, L2 + SSIM (DRAEM)
-                data_range = 2.0 if self.cfg.pixel_range == "-1,1" else 1.0
-                out["rec"] = F.mse_loss(x0_hat, source) + ssim_loss(x0_hat, source, data_range)
-            else:
-                out["noise"] = F.mse_loss(eps_hat[:n_normal], eps[:n_normal])  # Eq. (6), normal half
-        if self.seg is not None and joint:
-            if x0_hat is not None and self.cfg.seg_grad == "none":  # ours: no mask-loss gradient into the denoiser
-                x0_hat = x0_hat.detach()
-            logits = self.segment(x0, x0_hat)  # Alg. 1: M_hat = seg(cat(x0, x0_hat))
-            out["mask"] = F.smooth_l1_loss(torch.sigmoid(logits), mask) \
-                + self.cfg.gamma * focal_loss(logits, mask)  # Eq. (7)
-        out["total"] = sum(out.values())  # Eq. (8)
-        return out
+    def train_loss(self, x0, mask, t, eps):
+        """Alg. 1 on one batch: x0 (B,3,H,W) normal and synthetic images, mask (B,1,H,W) their anomaly masks (zero
+        for normal ones), t (B,) and eps (B,3,H,W) drawn by the caller. Returns the losses {noise, mask, total}."""
+        x_t = self.q_sample(x0, t, eps)  # Alg. 1: x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps
+        eps_hat = self.denoiser(x_t, t)
+        x0_hat = self.predict_x0(x_t, t, eps_hat).clamp(-1, 1)  # Eq. (5)
+        loss_noise = F.mse_loss(eps_hat, eps)  # Eq. (6), over every image of the batch
+        loss_mask = mask_loss(self.segment(x0, x0_hat), mask, self.cfg.gamma)  # Eq. (7)
+        return {"noise": loss_noise, "mask": loss_mask, "total": loss_noise + loss_mask}  # Eq. (8)
 
-    def forward(self, x0, mask, n_normal, generator, joint=True, source=None):
-        """Calling the model is Alg. 1 (so that DistributedDataParallel can wrap it)."""
-        return self.losses(x0, mask, n_normal, generator, joint, source)
+    def forward(self, x0, mask, t, eps, source=None):
+        """Calling the model is Alg. 1 (DistributedDataParallel wraps this call). Every batch also brings the
+        anomaly-free image under each x0 (`source`); Alg. 1 does not read it."""
+        return self.train_loss(x0, mask, t, eps)
+
+    def anomaly_map(self, x0, t, eps):
+        """Alg. 2 at one time step: (M_t (B,H,W) in float32, x0_hat). The sigmoid runs in float32 (a bf16 one would
+        quantise the map)."""
+        x0_hat = self.restore(x0, t, eps)
+        return torch.sigmoid(self.segment(x0, x0_hat).float())[:, 0], x0_hat
 
     def anomaly_maps(self, x0, ts, noise):
-        """Alg. 2 for a batch x0 (B,3,H,W) at all time steps ts at once.
-        noise: (len(ts)*B,3,H,W). Returns maps (B,H,W), scores (B,), x0_hat (K*B,3,H,W) with row k*B+i
-        image i restored at ts[k] (K = 1 for the ablations without diffusion)."""
-        B, K = x0.shape[0], len(ts)
-        if self.ablation in ("seg-only", "ae"):
-            K, ts = 1, (0,)  # no diffusion: a single pass
-        t = torch.tensor(ts, device=x0.device).repeat_interleave(B)  # (K*B,)
-        x0k = x0.repeat(K, 1, 1, 1)  # (K*B,3,H,W), row k*B+i is image i at ts[k]
-        if self.denoiser is None:
-            x0_hat = x0k
-        else:
-            x0_hat, _ = self.restore(x0k, t, noise[: K * B])  # Alg. 2: corrupt, predict, Eq. (5)
-        if self.seg is None:  # DenoisingAD: map = |x0 - x0_hat| averaged over channels
-            maps = (x0k - x0_hat).abs().mean(1).float()
-        else:  # Alg. 2: M_hat, (K*B,H,W); the sigmoid in float32 (a bf16 one would quantise the map)
-            maps = torch.sigmoid(self.segment(x0k, x0_hat).float())[:, 0]
-        maps = maps.view(K, B, *maps.shape[1:]).mean(0)  # Alg. 2: average over time steps
-        return maps, self.image_score(maps), x0_hat
+        """Alg. 2 for a batch x0 (B,3,H,W): one map per time step in ts, averaged; noise (K,3,H,W), one draw per
+        time step shared by every image. Returns the maps (B,H,W), the scores (B,), the restorations (K,B,3,H,W)."""
+        maps, restored = [], []
+        for t, eps in zip(ts, noise):  # Alg. 2: for t in ts
+            t = torch.full((len(x0),), t, device=x0.device)
+            m, x0_hat = self.anomaly_map(x0, t, eps.expand_as(x0))
+            maps.append(m)
+            restored.append(x0_hat)
+        maps = torch.stack(maps).mean(0)  # Alg. 2: the average over time steps
+        return maps, self.image_score(maps), torch.stack(restored)
 
     def image_score(self, maps):
-        """Alg. 2: an image's score is the mean of its top-K map values. maps (B,H,W) -> (B,)."""
+        """Alg. 2 (Sec. 3.4): an image's score is the mean of its top-K map values. maps (B,H,W) -> (B,)."""
         return maps.flatten(1).topk(min(self.cfg.top_k, maps[0].numel()), dim=1).values.mean(1)
 
 
-def build_model(cfg, state=None, device="cpu"):
-    """The model, with a checkpoint's weights if given (ValueError when they do not fit the config)."""
-    model = DiffusionAD(cfg)
+def build_model(cfg, state=None, device="cpu", cls=DiffusionAD):
+    """The model of a run (cls: DiffusionAD or a Table 3 variant, ablations.py), with a checkpoint's weights if
+    given; ValueError when they do not fit."""
+    if state is not None and cls is DiffusionAD and state.get("config", {}).get("ablation", "none") != "none":
+        raise ValueError(f"a checkpoint of Table 3's --ablation {state['config']['ablation']}: build it with "
+                         "ablations.build_model")
+    model = cls(cfg)
     for name in ("denoiser", "seg"):
         net = getattr(model, name)
         if state is not None and net is not None:
@@ -427,68 +355,40 @@ def build_model(cfg, state=None, device="cpu"):
 
 # ----------------------------------------------------------------------------- Alg. 1: training
 
-def lr_at(step, cfg, total):
-    """Learning rate of 0-based `step` of `total`: constant (paper) or cosine decay to 0 at the last step (ours)."""
-    return cfg.lr if cfg.lr_schedule == "constant" else cfg.lr * 0.5 * (1 + math.cos(math.pi * step / total))
-
-
-def train(cfg, opts, resume=False):
-    """Alg. 1 on the normal images of opts.data, then the final evaluation. runs.Run does the plumbing: run
-    folder, data, device, resuming, compile and torchrun, the loss log, checkpoints, Ctrl-C, --max-minutes."""
-    import runs
+def train(cfg, opts, resume=False, cls=DiffusionAD):
+    """Alg. 1 on the normal images of opts.data, then the final evaluation (Alg. 2). runs.Run does the plumbing:
+    run folder, data, device, resuming, compile and torchrun, the loss log, checkpoints, Ctrl-C, --max-minutes."""
     with runs.Run(cfg, opts, resume, Config) as run:
         torch.manual_seed(cfg.seed)  # weights (and dropout)
-        model = run.place(trained_model(cfg, run.state))
+        model = run.place(trained_model(cfg, run.state, cls=cls))
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=run.device.type == "cuda")  # both nets, Sec. 4.2
         step, losses = run.start(model, opt)  # step > 0 when resuming; losses: the model, compiled/parallel if asked
+        T = opts.train_t or cfg.timesteps  # the paper: t ~ U{0..T-1}; --train-t narrows it (runs.RunOptions)
         model.train()
-        for batch in run.batches(step):  # 6 distinct normal images: 3 as they are, 3 made synthetic (Sec. 3.3)
-            x0, mask = to_model(batch["image"], cfg), batch["mask"]  # normal first, then synthetic
-            source = to_model(batch["source"], cfg) if cfg.ablation == "ae" else None  # DRAEM+'s targets
-            x0, mask, source, g = run.inputs(x0, mask, source, step)  # on the device, cropped if asked; step's noise
+        for batch in run.batches(step):  # distinct normal images: 3 as they are, 3 made synthetic (Sec. 3.3)
+            x0, mask, source, g = run.inputs(batch, step)  # on the device (cropped if asked); g: this step's noise
+            t = torch.randint(0, T, (len(x0),), generator=g).to(x0.device)  # Alg. 1: t ~ U{0..T-1}
+            eps = torch.randn(x0.shape, generator=g).to(x0.device)  # Alg. 1: eps ~ N(0, I)
             with runs.autocast(opts, run.device):
-                loss = losses(x0, mask, cfg.batch_size // 2, g, step >= cfg.denoiser_warmup, source)  # Eq. (6)-(8)
+                loss = losses(x0, mask, t, eps, source)  # Eq. (6)-(8)
             opt.zero_grad(set_to_none=True)
             loss["total"].backward()
-            lr = lr_at(step, cfg, run.total)
-            for group in opt.param_groups:
-                group["lr"] = lr
+            lr = run.set_lr(opt, step)  # the paper's constant rate, or our --lr-schedule
             opt.step()  # Alg. 1: one gradient step on both networks
             step += 1
             if run.after_step(step, loss, lr):  # log and checkpoints; True after Ctrl-C or --max-minutes
                 break
         run.end()
         if run.rank == 0:
-            final_evaluation(model, cfg, opts, run)
+            res = {}
+            threshold = run.set_threshold(lambda images: run_inference(model, images, cfg, opts, run.device)[1])
+            if run.test is not None:
+                res = evaluate(model, cfg, opts, run.test, run.device, opts.test or opts.data, threshold)
+            run.finish(res, threshold)
     return run.folder
 
 
-def final_evaluation(model, cfg, opts, run):
-    """After Alg. 1: the decision threshold from the held-out normal images (stored in the checkpoint), then
-    Alg. 2 on the test split when there is one. Writes metrics.json."""
-    import runs
-    threshold, res = None, {}
-    if run.held_out is not None:
-        threshold = held_out_threshold(model, run.held_out, cfg, opts, run.device)
-        run.checkpoint(run.ckpt_path, threshold)
-    if run.test is not None:
-        res = evaluate(model, cfg, opts, run.test, run.device, opts.test or opts.data, threshold)
-    else:
-        print(f"{opts.data}: no test split (a plain folder without --test): the threshold only")
-    res.update(threshold=threshold, train_seconds=round(run.train_seconds, 1), steps=run.step)
-    runs.write_metrics(run.folder / "metrics.json", res, cfg, opts)
-    if opts.compile:
-        print("  " + runs.compile_report() + " (training and evaluation)")
-
-
-def held_out_threshold(model, held_out, cfg, opts, device):
-    """The decision threshold: the opts.threshold_quantile quantile of the held-out normal images' scores."""
-    import runs
-    images = torch.stack([held_out[i]["image"] for i in range(len(held_out))])
-    return runs.threshold_summary(run_inference(model, images, cfg, opts, device)[1], opts.threshold_quantile, cfg)
-
-
-# ----------------------------------------------------------------------------- Alg. 2: inference and evaluation
+# ----------------------------------------------------------------------------- Alg. 2 over many images
 
 def inference_noise(seed, n_steps, size, device="cpu"):
     """Alg. 2's noise: one draw eps_k ~ N(0, I) of shape (3, size, size) per time step, from the seed on the
@@ -497,69 +397,68 @@ def inference_noise(seed, n_steps, size, device="cpu"):
     return torch.randn((n_steps, 3, size, size), generator=torch.Generator().manual_seed(seed)).to(device)
 
 
+def uses_time_steps(model):
+    """False for a variant that overrides anomaly_maps with one pass and no time steps (ablations.py)."""
+    return type(model).anomaly_maps is DiffusionAD.anomaly_maps
+
+
+def batched_maps(model, x0, ts, noise):
+    """model.anomaly_maps with the K time steps as one batch of K*B images: one pass per network instead of K
+    (the speed path of run_inference and export; equal to the loop, tests). A variant that overrides
+    anomaly_maps (one pass, no time steps) runs its own."""
+    if not uses_time_steps(model):
+        return model.anomaly_maps(x0, ts, noise)
+    B, K = x0.shape[0], len(ts)  # shape[0], not len(): torch.export keeps the batch size symbolic
+    t = torch.tensor(ts, device=x0.device).repeat_interleave(B)  # (K*B,): row k*B+i is image i at ts[k]
+    maps, x0_hat = model.anomaly_map(x0.repeat(K, 1, 1, 1), t, noise.repeat_interleave(B, dim=0))
+    maps = maps.view(K, B, *maps.shape[1:]).mean(0)
+    return maps, model.image_score(maps), x0_hat.view(K, B, *x0_hat.shape[1:])
+
+
 def run_inference(model, images, cfg, opts, device, keep_restorations=False, what="images"):
     """Alg. 2 over images (N,3,H,W) in [0, 1] at cfg.eval_t, in batches of opts.eval_batch (the last one padded,
     so every batch has one shape), all time steps batched. Returns maps (N,H,W) and scores (N,) as numpy, the
-    squared error of each restoration (N,K) per time step, and the restorations at the first t (N,3,H,W) if
-    asked. Prints progress with an ETA every opts.log_every seconds."""
-    import runs
+    squared error of each restoration (N,K), and the restorations at the first t (N,3,H,W) if asked."""
     ts, B, N = ints(cfg.eval_t), opts.eval_batch, len(images)
     eps = inference_noise(cfg.seed, len(ts), images.shape[-1], device)  # (K,3,H,W): the same for every image
     fmt = runs.memory_format(opts, device, inference=True)
     model.eval().to(memory_format=fmt)
-    maps_fn = model.anomaly_maps
-    if opts.compile:  # compiled once per model; CUDA graphs on a GPU (the batch shape never changes)
-        if "compiled_maps" not in model.__dict__:
-            model.__dict__["compiled_maps"] = torch.compile(
-                model.anomaly_maps, mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
-        maps_fn = model.__dict__["compiled_maps"]
+    maps_fn = runs.compiled(model, batched_maps, opts, device)  # torch.compile with --compile
     maps, scores, mse, restored = [], [], [], []
-    t0 = t_print = time.time()
+    progress = runs.Progress(N, what, opts.log_every)
     with torch.inference_mode(), runs.autocast(opts, device):
         for i in range(0, N, B):
-            x0 = to_model(images[i: i + B].to(device, non_blocking=True), cfg)
+            x0 = images[i: i + B].to(device, non_blocking=True)
             n = len(x0)
             x0 = torch.cat([x0, x0[-1:].expand(B - n, -1, -1, -1)]).contiguous(memory_format=fmt)  # pad to B
-            m, s, x0_hat = maps_fn(x0, ts, eps.repeat_interleave(B, dim=0))  # Alg. 2
-            x0_hat = from_model(x0_hat.float(), cfg).view(-1, *x0.shape)[:, :n]  # (K,n,3,H,W) in [0, 1]
+            m, s, x0_hat = maps_fn(model, x0, ts, eps)  # Alg. 2
+            x0_hat = x0_hat.float()[:, :n].clamp(0, 1)  # (K,n,3,H,W), as an image
             maps.append(m[:n].float().cpu())
             scores.append(s[:n].float().cpu())
-            mse.append((x0_hat - from_model(x0[:n].float(), cfg)).pow(2).mean((2, 3, 4)).t().cpu())  # (n,K)
+            mse.append((x0_hat - x0[:n].float()).pow(2).mean((2, 3, 4)).t().cpu())  # (n,K)
             if keep_restorations:
                 restored.append(x0_hat[0].cpu())
-            now = time.time()
-            if now - t_print >= opts.log_every and i + n < N:
-                t_print, rate = now, (i + n) / (now - t0)
-                print(f"  {i + n}/{N} {what}, {rate:.1f}/s, eta {runs.fmt_time((N - i - n) / rate)}", flush=True)
+            progress.update(i + n)
     return (torch.cat(maps).numpy(), torch.cat(scores).numpy(), torch.cat(mse).numpy(),
             torch.cat(restored) if keep_restorations else None)
 
 
-def maps_without_restoration(model, images, cfg, opts, device):
-    """The segmentation net's maps (N,H,W) and scores (N,) with x0_hat := x0: what it finds in x0 alone. One
-    segmentation pass, no restoration (the map is the same at every time step)."""
-    import runs
+def maps_without_restoration(model, images, opts, device):
+    """The segmentation net's maps (N,H,W) and scores (N,) with x0_hat := x0: what it finds in x0 alone (the
+    reliance on the restoration that every evaluation reports). One segmentation pass per batch."""
     fmt, out = runs.memory_format(opts, device, inference=True), []
     with torch.inference_mode(), runs.autocast(opts, device):
         for i in range(0, len(images), opts.eval_batch):
-            x0 = to_model(images[i: i + opts.eval_batch].to(device), cfg).contiguous(memory_format=fmt)
-            out.append(torch.sigmoid(model.segment(x0, x0).float())[:, 0].cpu())  # float32, as anomaly_maps
+            x0 = images[i: i + opts.eval_batch].to(device).contiguous(memory_format=fmt)
+            out.append(torch.sigmoid(model.segment(x0, x0).float())[:, 0].cpu())  # float32, as anomaly_map
     maps = torch.cat(out)
     return maps.numpy(), model.image_score(maps).numpy()
 
 
 def evaluate(model, cfg, opts, test, device, name, threshold=None, maps_dir=None):
-    """Alg. 2 on a whole test split: metrics (metrics.py), FPS, the segmentation net's reliance on the
-    restoration, restoration PSNR, the threshold's verdicts; panels if maps_dir. Returns the results dict."""
-    import runs
-    items = [test[i] for i in range(len(test))]  # read every file first: file reading is not timed
-    images = torch.stack([it["image"] for it in items])  # (N,3,H,W)
-    masks = np.stack([it["mask"][0].numpy() for it in items])  # (N,H,W)
-    labels = np.array([it["label"] for it in items])
-    known = np.array([it.get("has_mask", True) for it in items])  # False: an anomalous image without a mask
-    kept = sum(it.get("regions_kept", 0) for it in items)
-    if kept:
-        print(f"  {kept} defect region(s) smaller than a pixel at {cfg.img_size} px kept as one pixel each")
+    """Alg. 2 on a whole test split: metrics (metrics.py), FPS, the reliance on the restoration, its PSNR, the
+    threshold's verdicts; panels if maps_dir. Returns the results dict."""
+    items, images, masks, labels, known = runs.read_split(test)  # every file read first: reading is not timed
     run_inference(model, images[: opts.eval_batch], cfg, opts, device)  # warm-up (and compilation)
     runs.sync(device)
     t0 = time.perf_counter()
@@ -567,133 +466,72 @@ def evaluate(model, cfg, opts, test, device, name, threshold=None, maps_dir=None
     runs.sync(device)
     fps = len(images) / (time.perf_counter() - t0)
     res = metrics.evaluate(maps, masks, labels, scores, defects=[it["defect"] for it in items], pixel_images=known)
-    res.update(fps=round(fps, 3), n_test_good=int((labels == 0).sum()), n_test_anomalous=int((labels == 1).sum()),
-               n_test_without_mask=int((~known).sum()), eval_t=list(ints(cfg.eval_t)), data=str(name),
-               device=str(device), regions_kept=kept)
+    res.update(fps=round(fps, 3), eval_t=list(ints(cfg.eval_t)), data=str(name), device=str(device))
     if model.denoiser is not None and model.seg is not None:  # the seg net's reliance on the restoration
-        plain_maps, plain_scores = maps_without_restoration(model, images, cfg, opts, device)
-        plain = metrics.evaluate(plain_maps, masks, labels, plain_scores, pixel_images=known)
-        res["without_restoration"] = plain
+        plain_maps, plain_scores = maps_without_restoration(model, images, opts, device)
+        res["without_restoration"] = plain = metrics.evaluate(plain_maps, masks, labels, plain_scores,
+                                                              pixel_images=known)
         res["reliance"] = {k: None if res[k] is None else res[k] - plain[k]
                            for k in ("image_auroc", "pixel_auroc", "pixel_pro")}
-    if model.denoiser is not None and (labels == 0).any():  # restoration (DRAEM+: reconstruction) of good images
-        psnr = -10 * np.log10(np.maximum(mse[labels == 0], 1e-10)).mean(0)
-        steps = ("reconstruction",) if model.ablation == "ae" else ints(cfg.eval_t)
-        res["restoration_psnr_good"] = {str(t): round(float(p), 2) for t, p in zip(steps, psnr)}
-    if threshold is not None:
-        flag = lambda sel: float((scores[sel] >= threshold["value"]).mean()) if sel.any() else None
-        res["flagged"] = {"threshold": threshold["value"], "good": flag(labels == 0), "anomalous": flag(labels == 1)}
-    runs.print_metrics(res, cfg, opts, device)
+    if model.denoiser is not None:  # PSNR of the restorations (a variant without time steps: its reconstruction)
+        res["restoration_psnr_good"] = runs.psnr(mse, labels, ints(cfg.eval_t) if uses_time_steps(model) else
+                                                 ("reconstruction",))
+    runs.report(res, items, scores, threshold, cfg, opts, device)
     if maps_dir is not None:
         runs.save_panels(maps_dir, items, images, restored, maps, ints(cfg.eval_t)[0])
     return res
 
 
-class Alg2Program(nn.Module):
-    """Alg. 2 as one module for torch.export: images (B,3,S,S) in [0, 1] -> maps (B,S,S), scores (B,), with the
-    run's fixed noise inside (inference_noise), the noise predict uses."""
+# ----------------------------------------------------------------------------- the command line
 
-    def __init__(self, model, cfg):
-        super().__init__()
-        self.model, self.cfg, self.ts = model, cfg, ints(cfg.eval_t)
-        self.register_buffer("eps", inference_noise(cfg.seed, len(self.ts), cfg.img_size))
-
-    def forward(self, x):
-        maps, scores, _ = self.model.anomaly_maps(to_model(x, self.cfg), self.ts, self.eps.repeat_interleave(x.shape[0], 0))
-        return maps, scores
-
-
-# ----------------------------------------------------------------------------- command line
-
-def trained_model(cfg, state, device="cpu"):
+def trained_model(cfg, state, device="cpu", cls=DiffusionAD):
     try:
-        return build_model(cfg, state, device)
+        return build_model(cfg, state, device, cls)
     except ValueError as e:
         raise SystemExit(str(e))
 
 
-def evaluate_cmd(a):
-    import runs
+def evaluate_cmd(a, model_class):
+    """eval: Alg. 2 on a run's test split (or --data / --test); writes RUN/eval_*.json, never metrics.json.
+    model_class(opts): DiffusionAD, or the Table 3 variant the run was trained as."""
     path, state, cfg, opts = runs.open_run(a, Config, channel_mult)
+    cls = model_class(opts)
     out, maps_dir = runs.eval_output(a, opts, cfg, path)
     test = runs.open_test(a, opts, cfg.img_size)
-    problems = data.check_split(test)
-    if problems:
-        raise SystemExit(f"{a.test or a.data or opts.test or opts.data}: {len(problems)} unreadable test file(s):\n  "
-                         + "\n  ".join(problems[:10]))
     device = runs.pick_device(opts)
-    model = trained_model(cfg, state, device).eval()
+    model = trained_model(cfg, state, device, cls).eval()
     threshold, source = runs.stored_threshold(state, cfg, path)
-    if a.bn_recal:  # on the images the run trained on, never its held-out slice
-        normal, held_out = runs.training_split(opts, runs.open_train(cfg, opts))
-        runs.recalibrate_bn(model, cfg, opts, runs.make_trainset(cfg, opts, normal), device, a.bn_recal, to_model)
-        threshold, source = None, "the run has no held-out slice (--holdout 0) to set one after recalibration"
-        if held_out is not None:  # the stored threshold belongs to the model before recalibration: set it again
-            threshold = held_out_threshold(model, held_out, cfg, opts, device)
-    print(f"evaluating {path} (step {state['step']})")
-    if threshold is None:
-        print(f"  no verdicts: {source}")
+    print(f"evaluating {path} (step {state['step']})" + ("" if threshold else f"; no verdicts: {source}"))
     res = evaluate(model, cfg, opts, test, device, a.test or a.data or opts.test or opts.data, threshold,
                    maps_dir if a.save_maps else None)
     res.update(train_seconds=round(state.get("seconds", 0.0), 1), steps=state["step"], checkpoint=str(path))
     runs.write_metrics(out, res, cfg, opts)
 
 
-def predict_cmd(a):
-    import runs
-    try:
-        files = data.list_images(a.inputs)
-    except FileNotFoundError as e:
-        raise SystemExit(str(e))
-    path, state, cfg, opts = runs.open_run(a, Config, channel_mult)
-    device = runs.pick_device(opts)
-    model = trained_model(cfg, state, device).eval()
-    threshold, source = runs.stored_threshold(state, cfg, path, a.threshold)
-    threshold = threshold["value"] if isinstance(threshold, dict) else threshold
-    runs.predict(a, path, files, lambda x: run_inference(model, x, cfg, opts, device)[:2], cfg.img_size,
-                 threshold, source)
-
-
-def export_cmd(a):
-    import runs
-    path, state, cfg, opts = runs.open_run(a, Config, channel_mult)
-    program = Alg2Program(trained_model(cfg, state).eval(), cfg).eval().requires_grad_(False)
-    example = torch.rand(2, 3, cfg.img_size, cfg.img_size)
-    exported = torch.export.export(program, (example,), dynamic_shapes=({0: torch.export.Dim("batch", max=4096)},))
-    threshold, source = runs.stored_threshold(state, cfg, path)
-    runs.export_files(a.out, exported, {
-        "checkpoint": str(path), "threshold": None if threshold is None else threshold["value"],
-        "threshold_rule": threshold or source, "img_size": cfg.img_size,
-        "eval_t": list(ints(cfg.eval_t)), "top_k": cfg.top_k,
-        "input": f"float32 (B, 3, {cfg.img_size}, {cfg.img_size}) RGB in [0, 1], resized bilinearly",
-        "outputs": "maps (B, S, S) in [0, 1], scores (B,); anomalous when score >= threshold"})
-
-
 def main(argv=None):
-    import runs
+    """train and eval are here; predict, export, bench, table (tools.py) and import-authors (authors.py) beside,
+    with Table 3's variants (ablations.py): the modules that import this one, imported here alone."""
+    import ablations
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:  # docs/bench.py: plain and shipped paths side by side
-        sys.path.insert(0, str(Path(__file__).resolve().parent / "docs"))
-        import bench
-        return bench.main(argv[1:])
+    if argv[:1] == ["bench"]:
+        import tools
+        return tools.bench(argv[1:])
     a = runs.parser(Config, __doc__.split("\n\n")[0]).parse_args(argv)
     if runs.torchrun_env()[1] > 1 and a.cmd != "train":
         raise SystemExit(f"{a.cmd} runs in one process: start it without torchrun")
     if a.cmd == "train":
         cfg, opts = runs.check(*runs.options_from(a, Config), channel_mult)
-        runs.launch(cfg, opts, a.resume, train)
+        runs.launch(cfg, opts, a.resume, lambda cfg, opts, resume: train(cfg, opts, resume, ablations.model_class(opts)))
     elif a.cmd == "eval":
-        evaluate_cmd(a)
-    elif a.cmd == "predict":
-        predict_cmd(a)
-    elif a.cmd == "export":
-        export_cmd(a)
-    elif a.cmd == "import-authors":  # authors.py: their checkpoints as our run folders
+        evaluate_cmd(a, ablations.model_class)
+    elif a.cmd == "import-authors":
         import authors
         authors.import_cmd(a)
     else:
-        print(runs.write_table(a.folder))
+        import tools
+        tools.main(a)
 
 
 if __name__ == "__main__":
+    sys.modules.setdefault("diffusionad", sys.modules[__name__])  # `import diffusionad` elsewhere gets this module
     main()

@@ -36,9 +36,28 @@ def opt(default, help):
 
 
 @dataclass
-class RunOptions:
-    """How a run is done, not what it learns. Every field is a flag (`eval_batch` -> `--eval-batch`). All may
-    change when a run is resumed except data and holdout, which define the training images."""
+class Recipe:
+    """Our recipe options, apart from the paper's Config: each default is the paper's behaviour, and each is
+    measured in docs/RESULTS.md (the CPU preset and the DeepPCB and DAGM recipes use them). Every field is a flag."""
+    ablation: str = opt("none", "Table 3's variants (ablations.py): none (DiffusionAD) | seg-only (SegmentationAD) | ae "
+                        "(DRAEM+: DRAEM's autoencoder, L2 + SSIM) | denoise-only (DenoisingAD)")
+    max_steps: int = opt(0, "if > 0, train this many steps instead of --epochs (CPU budgets)")
+    lr_schedule: str = opt("constant", "constant (paper) | cosine: decay to 0 at the last step (--preset cpu; a resume "
+                           "with more steps stretches the decay)")
+    train_t: int = opt(0, "Alg. 1 draws t ~ U{0..train_t-1}; 0 = T (paper; --preset cpu: 300)")
+    crop: int = opt(0, "if > 0, train on crops of this side that keep part of the anomaly; evaluate whole images "
+                    "(with --attn-resolutions '': a fully convolutional denoiser)")
+    anomaly_shape: str = opt("perlin", "synthetic anomaly masks: perlin (paper) | curves (thin strokes) | mixed (half "
+                             "each) | small (PCB-sized spots and strokes) (data.py)")
+    anomaly_fill: str = opt("blend", "synthetic anomaly content: blend (Eq. 9, paper) | invert (1 - N inside the mask: "
+                            "the other material of a binarised image such as a PCB scan)")
+
+
+@dataclass
+class RunOptions(Recipe):
+    """Our recipe options (Recipe's fields), then how a run is done: data, folders, devices, speed, logging. All may
+    change when a run is resumed except data and holdout (the training images) and the recipe's fields but
+    max_steps. Every field is a flag (`eval_batch` -> `--eval-batch`)."""
     data: str = opt("synthetic", "ROOT/CLASS (MVTec AD, VisA raw or 1cls, DAGM 2007), a plain folder of normal "
                     "images, or 'synthetic'; a whole benchmark ROOT trains and evaluates every class in turn")
     test: str = opt("", "a labelled test folder for a plain --data folder (or instead of a dataset's own test split): "
@@ -49,7 +68,7 @@ class RunOptions:
     out: str = opt("", "run folder (default runs/<dataset>-<class>; for a benchmark ROOT, runs/<root name>)")
     classes: str = opt("", "with a benchmark ROOT: only these classes, e.g. candle,pcb1 (default: all)")
     holdout: float = opt(0.1, "fraction of the normal training images (at least 5) kept out of training to set the "
-                         "decision threshold (ours); 0 = train on all of them (paper), no threshold")
+                         "decision threshold; 0 = train on all of them (paper), no threshold")
     threshold_quantile: float = opt(0.99, "the threshold is this quantile of the held-out normal images' scores")
     device: str = opt("auto", "auto (CUDA when present; cuda:LOCAL_RANK under torchrun) | cpu | cuda | cuda:N")
     amp: bool = opt(False, "bf16 autocast (GPUs; CPUs only with native bf16: AMX or AVX512-BF16)")
@@ -63,7 +82,8 @@ class RunOptions:
     log_every: float = opt(10.0, "seconds between progress lines")
 
 
-# Fields of the method's Config that may change when a run is resumed (length of training, Alg. 2's settings).
+# What may change when a run is resumed: the length of training and Alg. 2's settings (of Config and Recipe), and
+# the run options other than data and holdout.
 FREE = ("epochs", "max_steps", "eval_t", "top_k")
 # Small model for a 2-core CPU (README quickstart); flags given on the command line win. train_t=300: Alg. 1's t
 # from 0..299, as the authors' later code (docs/RESULTS.md: cleaner restorations, better pixel metrics).
@@ -72,12 +92,14 @@ FREE = ("epochs", "max_steps", "eval_t", "top_k")
 CPU_PRESET = dict(img_size=64, base_channels=16, num_res_blocks=1, channel_mult="1,2,4", attn_resolutions="16",
                   seg_channels=16, max_steps=900, lr=5e-4, lr_schedule="cosine", eval_batch=16, workers=0,
                   train_t=300)
-# The checkpoint format: 2 = the authors' networks and time index (0-based t). Version 1 (our own networks, 1-based
-# t) cannot be run by this code.
-VERSION = 2
-CHOICES = {"ablation": ("none", "seg-only", "ae", "denoise-only"), "pixel_range": ("0,1", "-1,1"),
-           "seg_grad": ("full", "none"), "lr_schedule": ("constant", "cosine"), "anomaly_shape": data.SHAPES,
-           "anomaly_fill": data.FILLS, "beta_schedule": ("linear", "cosine")}
+# The checkpoint format: 3 = L_noise over every image of a batch (Eq. 6). 2 (L_noise over the normal half) has the
+# same networks: its runs are evaluated, not resumed. 1 (our own networks, 1-based t) cannot be run by this code.
+VERSION = 3
+# Options that earlier versions had, with the one value this code implements: a checkpoint that used another
+# value is refused.
+REMOVED = {"pixel_range": "0,1", "clamp": "-1,1", "beta_schedule": "linear", "seg_grad": "full", "denoiser_warmup": 0}
+CHOICES = {"ablation": ("none", "seg-only", "ae", "denoise-only"), "lr_schedule": ("constant", "cosine"),
+           "anomaly_shape": data.SHAPES, "anomaly_fill": data.FILLS}
 
 
 def ints(text):
@@ -91,15 +113,24 @@ def flag(name):
 # ----------------------------------------------------------------------------- flags and their checks
 
 def add_flags(p, *classes):
-    """One flag per dataclass field, with its help and default."""
+    """One flag per dataclass field, with its help and default, in one --help group per class: the paper's Config,
+    our Recipe, and how the run is done (RunOptions' own fields)."""
+    recipe = {f.name for f in fields(Recipe)}
     for cls in classes:
-        for f in fields(cls):
-            if f.type is bool:
-                p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                               help=f.metadata["help"])
-            else:
-                p.add_argument(flag(f.name), type=f.type, default=argparse.SUPPRESS, metavar=f.type.__name__.upper(),
-                               help=f"{f.metadata['help']} (default: {f.default})")
+        groups = [(f"the paper's method ({cls.__name__})", fields(cls))]
+        if cls is RunOptions:
+            groups = [("our recipe options (runs.Recipe; the paper's behaviour by default)",
+                       [f for f in fields(cls) if f.name in recipe]),
+                      ("how the run is done (runs.RunOptions)", [f for f in fields(cls) if f.name not in recipe])]
+        for title, group in groups:
+            g = p.add_argument_group(title)
+            for f in group:
+                if f.type is bool:
+                    g.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                   help=f.metadata["help"])
+                else:
+                    g.add_argument(flag(f.name), type=f.type, default=argparse.SUPPRESS, metavar=f.type.__name__.upper(),
+                                   help=f"{f.metadata['help']} (default: {f.default})")
     if len(classes) > 1:
         p.add_argument("--preset", choices=["paper", "cpu"], default="paper",
                        help="'cpu': a small model for 2 CPU cores (README quickstart); explicit flags still win")
@@ -133,12 +164,6 @@ def check(cfg, opts, channel_mult):
             ints(both[name])
         except ValueError:
             problems.append(f"{flag(name)} must be comma-separated integers, got {both[name]!r}")
-    try:
-        lo, hi = (float(v) for v in cfg.clamp.split(","))
-        if not lo < hi:
-            raise ValueError
-    except ValueError:
-        problems.append(f"--clamp must be two numbers LOW,HIGH with LOW < HIGH, e.g. -1,1, got {cfg.clamp!r}")
     if problems:
         raise SystemExit("bad configuration:\n  " + "\n  ".join(problems))
     try:
@@ -149,7 +174,7 @@ def check(cfg, opts, channel_mult):
                 "eval_batch", "top_k", "ckpt_every")
     problems += [f"{flag(n)} must be >= 1, got {both[n]}" for n in positive if both[n] < 1]
     problems += [f"{flag(n)} must be >= 0, got {both[n]}" for n in
-                 ("max_steps", "crop", "max_minutes", "dropout", "denoiser_warmup") if both[n] < 0]
+                 ("max_steps", "crop", "max_minutes", "dropout") if both[n] < 0]
     problems += [f"{flag(n)} must be > 0, got {both[n]}" for n in ("lr", "log_every") if not both[n] > 0]
     problems += [f"{flag(n)} must be in [0, 1), got {both[n]}" for n in ("holdout",) if not 0 <= both[n] < 1]
     problems += [f"{flag(n)} must be in [0, 1], got {both[n]}" for n in ("threshold_quantile",) if not 0 <= both[n] <= 1]
@@ -169,15 +194,13 @@ def check(cfg, opts, channel_mult):
         problems.append(f"--base-channels {cfg.base_channels} must be divisible by {heads[0]} {heads[1]}")
     if not 0 < cfg.beta_start < cfg.beta_end < 1:
         problems.append(f"need 0 < --beta-start < --beta-end < 1, got {cfg.beta_start}, {cfg.beta_end}")
-    if not 0 <= cfg.train_t <= cfg.timesteps:
-        problems.append(f"--train-t must be in [0, --timesteps {cfg.timesteps}] (0 = T), got {cfg.train_t}")
-    if cfg.crop and (cfg.crop > cfg.img_size or cfg.crop % 2 ** (levels - 1) or cfg.crop % 32):
-        problems.append(f"--crop {cfg.crop} must be <= --img-size and divisible by 32 and by 2^(levels-1)")
+    if not 0 <= opts.train_t <= cfg.timesteps:
+        problems.append(f"--train-t must be in [0, --timesteps {cfg.timesteps}] (0 = T), got {opts.train_t}")
+    if opts.crop and (opts.crop > cfg.img_size or opts.crop % 2 ** (levels - 1) or opts.crop % 32):
+        problems.append(f"--crop {opts.crop} must be <= --img-size and divisible by 32 and by 2^(levels-1)")
     bad_t = [t for t in ints(cfg.eval_t) if not 0 <= t < cfg.timesteps]
     if bad_t or not ints(cfg.eval_t):
         problems.append(f"--eval-t needs time steps in [0, {cfg.timesteps - 1}] (t = 0..T-1), got {cfg.eval_t!r}")
-    if cfg.denoiser_warmup and cfg.ablation not in ("none", "ae"):
-        problems.append(f"--denoiser-warmup needs both networks; --ablation {cfg.ablation} has one")
     if problems:
         raise SystemExit("bad configuration:\n  " + "\n  ".join(problems))
     return cfg, opts
@@ -311,11 +334,16 @@ def load_checkpoint(path, config_cls):
                          f"import-authors {path} --out RUN")
     if not isinstance(ckpt, dict) or not {"denoiser", "seg", "config", "step"} <= ckpt.keys():
         raise SystemExit(f"{path}: not a DiffusionAD checkpoint (missing keys)")
-    if ckpt.get("version", 1) != VERSION:
-        raise SystemExit(f"{path}: written by {'an earlier' if ckpt.get('version', 1) < VERSION else 'a newer'} "
-                         f"version of diffusionad (checkpoint format {ckpt.get('version', 1)}, this code reads "
-                         f"{VERSION}: the authors' networks and 0-based time steps); retrain it with this version")
-    values = ckpt["config"]
+    version = ckpt.get("version", 1)
+    if version not in (2, VERSION):
+        raise SystemExit(f"{path}: written by {'an earlier' if version < VERSION else 'a newer'} version of diffusionad "
+                         f"(checkpoint format {version}, this code reads 2 and {VERSION}: the authors' networks and "
+                         "0-based time steps); retrain it with this version")
+    values = dict(ckpt["config"])
+    for name, only in REMOVED.items():  # options of earlier versions: fine at the value this code implements
+        if name in values and values.pop(name) != only:
+            raise SystemExit(f"{path}: trained with --{name.replace('_', '-')} {ckpt['config'][name]}, an option this "
+                             f"version no longer has (only {only}); evaluate it with the version that wrote it")
     unknown = set(values) - {f.name for f in fields(config_cls) + fields(RunOptions)}
     if unknown:
         raise SystemExit(f"{path}: checkpoint config has unknown fields {sorted(unknown)} (a newer version?)")
@@ -323,10 +351,11 @@ def load_checkpoint(path, config_cls):
 
 
 def check_same_run(saved, cfg, path):
-    """saved, cfg: (Config, RunOptions) pairs. Only FREE fields and run options other than data and holdout
-    may differ when a run is resumed."""
+    """saved, cfg: (Config, RunOptions) pairs. Only FREE fields and the run options other than data, holdout and
+    the recipe's may differ when a run is resumed."""
+    fixed = {f.name for f in fields(Recipe)} | {"data", "holdout"}
     fixed = [(f.name, c) for c in (0, 1) for f in fields(saved[c])
-             if (c == 0 and f.name not in FREE) or f.name in ("data", "holdout")]
+             if f.name not in FREE and (c == 0 or f.name in fixed)]
     diff = [f"{n}: checkpoint {getattr(saved[c], n)!r} vs requested {getattr(cfg[c], n)!r}"
             for n, c in fixed if getattr(saved[c], n) != getattr(cfg[c], n)]
     if diff:
@@ -356,11 +385,15 @@ def open_test(a, opts, img_size):
         raise SystemExit("this run names no data (imported from the authors' checkpoint without --data); pass "
                          "--data ROOT/CLASS or --test TESTDIR")
     try:
-        if test:
-            return data.labelled_folder(test, img_size, masks or None)
-        return data.open_dataset(a.data if given else opts.data, "test", img_size)
+        split = data.labelled_folder(test, img_size, masks or None) if test else \
+            data.open_dataset(a.data if given else opts.data, "test", img_size)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"{e}")
+    problems = data.check_split(split)
+    if problems:
+        raise SystemExit(f"{test or (a.data if given else opts.data)}: {len(problems)} unreadable test file(s):\n  "
+                         + "\n  ".join(problems[:10]))
+    return split
 
 
 def preflight(cfg, opts):
@@ -397,7 +430,7 @@ def make_trainset(cfg, opts, normal=None):
     normal = normal or open_train(cfg, opts)
     try:
         return data.TrainSet(normal, seed=cfg.seed, texture_dir=cfg.texture_dir or None, foreground=cfg.foreground,
-                             shape=cfg.anomaly_shape, fill=cfg.anomaly_fill)
+                             shape=opts.anomaly_shape, fill=opts.anomaly_fill)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"{e}")
 
@@ -471,7 +504,7 @@ class Run:
     def __init__(self, cfg, opts, resume, config_cls):
         self.cfg, self.opts = cfg, opts
         self.rank, self.world = distributed()
-        self.device, self.folder = pick_device(opts), run_folder(opts, cfg.ablation)
+        self.device, self.folder = pick_device(opts), run_folder(opts, opts.ablation)
         self.ckpt_path, self.state, self.lock, self.log, self.handlers = self.folder / "ckpt.pt", None, None, None, {}
         if resume:
             if not self.ckpt_path.is_file():
@@ -480,6 +513,10 @@ class Run:
             if "imported" in self.state:
                 raise SystemExit(f"--resume: {self.ckpt_path} was imported from the authors' checkpoint and holds no "
                                  "optimizer state; train a new run with --out")
+            if self.state.get("version") != VERSION:
+                raise SystemExit(f"--resume: {self.ckpt_path} was trained with L_noise over the normal half of each "
+                                 "batch (checkpoint format 2); this version averages it over every image (Eq. 6), so "
+                                 "resuming would change the loss mid-run. Evaluate it, or train a new run with --out")
             check_same_run(saved, (cfg, opts), self.ckpt_path)
         elif self.ckpt_path.exists():
             raise SystemExit(f"{self.ckpt_path} exists: pass --resume to continue it, or --out for a new run")
@@ -492,7 +529,7 @@ class Run:
         if self.steps_per_epoch == 0:
             raise SystemExit(f"{opts.data}: {len(self.trainset)} training images, fewer than one step's "
                              f"{self.per_batch * self.world} (a batch takes distinct images); pass a smaller --batch-size")
-        self.total = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * self.steps_per_epoch
+        self.total = opts.max_steps if opts.max_steps > 0 else cfg.epochs * self.steps_per_epoch
         if self.rank == 0:  # last: a check that fails above leaves no lock held
             try:
                 self.folder.mkdir(parents=True, exist_ok=True)
@@ -536,11 +573,8 @@ class Run:
             if model.seg is not None:
                 sync_batch_norm(model.seg)
             fwd = nn.parallel.DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda"
-                                                      else None, find_unused_parameters=self.cfg.denoiser_warmup > 0)
-        self.model, self.opt = model, opt
-        self.keys = [k for k in ("total", "noise", "rec", "mask") if k == "total" or
-                     (k == "noise" and model.denoiser is not None and self.cfg.ablation != "ae") or
-                     (k == "rec" and self.cfg.ablation == "ae") or (k == "mask" and model.seg is not None)]
+                                                      else None)
+        self.model, self.opt, self.keys = model, opt, None  # keys: the losses the model returns (at the first step)
         if self.rank == 0:
             kept = list(csv.reader(open(self.folder / "log.csv")))[1:] if self.step else []  # rows up to the checkpoint
             self.log = open(self.folder / "log.csv", "w", newline="")
@@ -583,10 +617,10 @@ class Run:
         n_params = sum(p.numel() for p in self.model.parameters())
         if self.device.type != "cpu" or n_params < min_params:
             return
-        side, g = self.cfg.crop or self.cfg.img_size, torch.Generator().manual_seed(0)
+        side, g = self.opts.crop or self.cfg.img_size, torch.Generator().manual_seed(0)
         x0, mask, probe = torch.rand(2, 3, side, side, generator=g), torch.zeros(2, 1, side, side), copy.deepcopy(self.model)
         t0 = time.time()
-        probe(x0, mask, 1, g, source=x0)["total"].backward()  # 1 + 1 images, scaled to the batch below
+        probe(x0, mask, torch.tensor([0, 1]), torch.randn_like(x0), x0)["total"].backward()  # 2 images, scaled below
         seconds = (time.time() - t0) * self.cfg.batch_size / 2
         del probe
         print(f"note: a {n_params / 1e6:.0f}M-parameter model on a CPU: one step takes about {seconds:.0f} s, so "
@@ -594,25 +628,31 @@ class Run:
               "To train on this machine, add --preset cpu (a 2.5M-parameter model, minutes). Continuing as asked.",
               flush=True)
 
-    def inputs(self, x0, mask, source, step):
-        """A batch on the device in the training layout (source: the anomaly-free images, or None); Alg. 1's noise
+    def inputs(self, batch, step):
+        """A batch's images, masks and anomaly-free images on the device in the training layout, and Alg. 1's noise
         generator for this step (resumable); random crops (--crop), the same window for an image and its source."""
         fmt = memory_format(self.opts, self.device)
-        x0 = x0.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
-        mask = mask.to(self.device, non_blocking=True)
-        source = None if source is None else source.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
+        x0 = batch["image"].to(self.device, non_blocking=True).contiguous(memory_format=fmt)
+        mask = batch["mask"].to(self.device, non_blocking=True)
+        source = batch["source"].to(self.device, non_blocking=True).contiguous(memory_format=fmt)
         g = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + step) * self.world + self.rank)
-        if self.cfg.crop:
-            x0, mask, *rest = data.random_crops(x0, mask, self.cfg.crop, g, *([] if source is None else [source]))
-            source = rest[0] if rest else None
+        if self.opts.crop:
+            x0, mask, source = data.random_crops(x0, mask, self.opts.crop, g, source)
         return x0, mask, source, g
+
+    def set_lr(self, opt, step):
+        """The learning rate of 0-based `step` (lr_at), set in every group of opt; returns it."""
+        lr = lr_at(step, self.cfg.lr, self.opts.lr_schedule, self.total)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        return lr
 
     def after_step(self, step, loss, lr):
         """Log, checkpoint, stop. Returns True when training must end now (signal or --max-minutes)."""
         now = time.time()
         self.step = step
-        nan = torch.full((), float("nan"), device=self.device)  # a loss this step does not have (--denoiser-warmup)
-        self.pending.append((step, torch.stack([loss[k].detach() if k in loss else nan for k in self.keys]), lr,
+        self.keys = self.keys or [k for k in ("total", "noise", "rec", "mask") if k in loss]
+        self.pending.append((step, torch.stack([loss[k].detach() for k in self.keys]), lr,
                              self.seconds0 + now - self.t_start))
         if self.opts.max_minutes and self.seconds0 + now - self.t_start >= 60 * self.opts.max_minutes:
             self.stop["time"] = True
@@ -681,42 +721,35 @@ class Run:
                   + (f" (--max-minutes {self.opts.max_minutes} reached at step {self.step}/{self.total})"
                      if self.ended == "time" else "") + "; evaluating the final model")
 
+    def set_threshold(self, scores_of):
+        """After training: the decision threshold from the held-out normal images' scores (scores_of: images
+        (N,3,H,W) -> scores), stored in the checkpoint; None without a held-out slice."""
+        if self.held_out is None:
+            return None
+        images = torch.stack([self.held_out[i]["image"] for i in range(len(self.held_out))])
+        threshold = threshold_summary(scores_of(images), self.opts.threshold_quantile, self.cfg)
+        self.checkpoint(self.ckpt_path, threshold)
+        return threshold
+
+    def finish(self, res, threshold):
+        """metrics.json of the final model: the evaluation's results (none without a test split), the threshold,
+        the training time and steps."""
+        if self.test is None:
+            print(f"{self.opts.data}: no test split (a plain folder without --test): the threshold only")
+        res.update(threshold=threshold, train_seconds=round(self.train_seconds, 1), steps=self.step)
+        write_metrics(self.folder / "metrics.json", res, self.cfg, self.opts)
+        if self.opts.compile:
+            print("  " + compile_report() + " (training and evaluation)")
+
+
+def lr_at(step, lr, schedule, total):
+    """Learning rate of 0-based `step` of `total`: constant (paper) or a cosine decay to 0 at the last step."""
+    return lr if schedule == "constant" else lr * 0.5 * (1 + math.cos(math.pi * step / total))
+
 
 def ignore_sigint(_):
     """DataLoader workers leave Ctrl-C to the main process, which saves a checkpoint and stops them."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def recalibrate_bn(model, cfg, opts, trainset, device, n_batches, to_model):
-    """eval --bn-recal (ours): re-estimate the seg net's BatchNorm statistics on inference-like inputs: training
-    batches (pass the run's training images, never its held-out slice), normal and synthetic, restored at the
-    inference time steps (training sees t up to T). to_model: the model's pixel-range map."""
-    bns = [m for m in model.seg.modules() if isinstance(m, nn.BatchNorm2d)]
-    if not bns or n_batches <= 0:
-        return
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average over the batches below
-    ts, g = ints(cfg.eval_t), torch.Generator().manual_seed(cfg.seed + 7)
-    epoch = 10 ** 6  # synthetic anomalies that training never saw
-    batches = [data.step_keys(b, epoch) for b in data.epoch_batches(len(trainset), cfg.batch_size, cfg.seed, epoch)]
-    model.eval()
-    model.seg.train()
-    with torch.no_grad(), autocast(opts, device):
-        for batch in torch.utils.data.DataLoader(trainset, batch_sampler=batches[:n_batches]):
-            x0 = to_model(batch["image"], cfg).to(device)
-            if cfg.crop:
-                x0, _ = data.random_crops(x0, torch.zeros_like(x0[:, :1]), cfg.crop, g)
-            x0_hat = x0
-            if model.denoiser is not None:
-                t = torch.tensor(ts)[torch.randint(len(ts), (len(x0),), generator=g)].to(device)
-                x0_hat, _ = model.restore(x0, t, torch.randn(x0.shape, generator=g).to(device))
-            model.segment(x0, x0_hat)
-    for m in bns:
-        m.momentum = 0.1
-    model.eval()
-    print(f"re-estimated the seg net's BatchNorm statistics on {min(n_batches, len(batches))} training batches "
-          f"at t = {cfg.eval_t}")
 
 
 # ----------------------------------------------------------------------------- whole benchmarks
@@ -727,7 +760,7 @@ def train_benchmark(cfg, opts, classes, train):
     does not stop the others. Under torchrun, rank r takes classes r, r + N, ... on its own device."""
     rank, world = torchrun_env()
     root = Path(opts.data.rstrip("/"))
-    base = run_folder(opts, cfg.ablation, benchmark=True)
+    base = run_folder(opts, opts.ablation, benchmark=True)
     if opts.classes:
         wanted = set(opts.classes.split(","))
         unknown = wanted - {c.name for c in classes}
@@ -802,6 +835,63 @@ def stored_threshold(state, cfg, path, override=None):
     return t, f"the {t['quantile']} quantile of {t['n_held_out']} held-out normal images' scores"
 
 
+def read_split(test):
+    """Every item of a test split read: (items, images (N,3,H,W), masks (N,H,W), labels (N,), known (N,): False for
+    an anomalous image without a mask)."""
+    items = [test[i] for i in range(len(test))]
+    kept = sum(it.get("regions_kept", 0) for it in items)
+    if kept:
+        print(f"  {kept} defect region(s) smaller than a pixel at the image size kept as one pixel each")
+    return (items, torch.stack([it["image"] for it in items]), np.stack([it["mask"][0].numpy() for it in items]),
+            np.array([it["label"] for it in items]), np.array([it.get("has_mask", True) for it in items]))
+
+
+def psnr(mse, labels, steps):
+    """PSNR (dB) of the good images' restorations per time step: mse (N,K), labels (N,); None without good images."""
+    if not (labels == 0).any():
+        return None
+    values = -10 * np.log10(np.maximum(mse[labels == 0], 1e-10)).mean(0)
+    return {str(t): round(float(p), 2) for t, p in zip(steps, values)}
+
+
+def report(res, items, scores, threshold, cfg, opts, device):
+    """Adds the counts and the threshold's verdicts to an evaluation's results and prints them."""
+    labels, known = np.array([it["label"] for it in items]), np.array([it.get("has_mask", True) for it in items])
+    res.update(n_test_good=int((labels == 0).sum()), n_test_anomalous=int((labels == 1).sum()),
+               n_test_without_mask=int((~known).sum()), regions_kept=sum(it.get("regions_kept", 0) for it in items))
+    if threshold is not None:
+        flag = lambda sel: float((scores[sel] >= threshold["value"]).mean()) if sel.any() else None
+        res["flagged"] = {"threshold": threshold["value"], "good": flag(labels == 0), "anomalous": flag(labels == 1)}
+    if res.get("restoration_psnr_good", 0) is None:
+        del res["restoration_psnr_good"]
+    print_metrics(res, cfg, opts, device)
+
+
+class Progress:
+    """A progress line with the rate and an ETA every `every` seconds: `  480/1150 test images, 2.1/s, eta 5m19s`."""
+    def __init__(self, total, what, every):
+        self.total, self.what, self.every = total, what, every
+        self.t0 = self.t_print = time.time()
+
+    def update(self, done, stream=None):
+        now = time.time()
+        if now - self.t_print >= self.every and done < self.total:
+            self.t_print, rate = now, done / (now - self.t0)
+            print(f"  {done}/{self.total} {self.what}, {rate:.1f}/s, eta {fmt_time((self.total - done) / rate)}",
+                  file=stream or sys.stdout, flush=True)
+
+
+def compiled(model, fn, opts, device):
+    """fn (called as fn(model, ...)) compiled once per model with --compile (CUDA graphs on a GPU: the inference
+    batch shape never changes), else fn itself."""
+    if not opts.compile:
+        return fn
+    if "compiled_maps" not in model.__dict__:
+        model.__dict__["compiled_maps"] = torch.compile(fn, mode="reduce-overhead" if device.type == "cuda" else None,
+                                                        dynamic=False)
+    return model.__dict__["compiled_maps"]
+
+
 def print_metrics(res, cfg, opts, device):
     """The console report of an evaluation (metrics.json holds the same numbers)."""
     print(f"{res['data']} (t = {cfg.eval_t}, {res['n_test_good'] + res['n_test_anomalous']} test images: "
@@ -844,88 +934,17 @@ def save_panels(folder, items, images, restored, maps, t):
 
 
 def eval_output(a, opts, cfg, path):
-    """Where an evaluation writes: RUN/eval_<checkpoint>_<data>_t<t>[_amp][_bnrecalN].json, or --json; never a
+    """Where an evaluation writes: RUN/eval_<checkpoint>_<data>_t<t>[_amp].json, or --json; never a
     run's own metrics.json, never an existing file given with --json. Also the folder name for its panels."""
     data_name = Path((a.test or a.data or opts.test or opts.data).rstrip("/")).name
     parts = ["eval", path.stem, data_name, "t" + cfg.eval_t.replace(",", "+")]
-    parts += [p for p, on in (("amp", a.amp), (f"bnrecal{a.bn_recal}", a.bn_recal)) if on]
+    parts += ["amp"] if a.amp else []
     name = "_".join(parts)
     out = Path(a.json) if a.json else path.parent / f"{name}.json"
     if out.name == "metrics.json" or (a.json and out.exists()):
         raise SystemExit(f"--json {out}: {'a run’s own result' if out.name == 'metrics.json' else 'exists'}; "
                          "pass a new file name")
     return out, path.parent / name
-
-
-def predict_outputs(a, path):
-    """predict's new heatmap folder (RUN/predictions-<date-time>[_k], or an empty --out) and its CSV stream."""
-    stamp = path.parent / f"predictions-{time.strftime('%Y%m%d-%H%M%S')}"
-    out, k = Path(a.out) if a.out else stamp, 1
-    while not a.out and out.exists():  # a new default folder, even for two predictions within one second
-        k += 1
-        out = stamp.with_name(f"{stamp.name}_{k}")
-    if out.exists() and any(out.iterdir()):
-        raise SystemExit(f"--out {out} is not empty: pass a new folder, so that no earlier result is overwritten")
-    if a.csv and Path(a.csv).exists():
-        raise SystemExit(f"--csv {a.csv} exists: pass a new file name")
-    out.mkdir(parents=True, exist_ok=True)
-    return out, (open(a.csv, "w", newline="") if a.csv else sys.stdout)
-
-
-def predict(a, path, files, score, img_size, threshold, source):
-    """Score files in chunks (any folder size fits in memory): score(images (N,3,S,S)) -> (maps, scores).
-    Writes path,score,anomalous,heatmap rows (anomalous: score >= threshold, from `source`) and input | heatmap
-    PNGs; unreadable files are listed at the end."""
-    out, stream = predict_outputs(a, path)
-    writer = csv.writer(stream)
-    writer.writerow(["path", "score", "anomalous", "heatmap"])
-    bad, used, done, flagged, t0 = [], set(), 0, 0, time.time()
-    for i in range(0, len(files), 64):
-        chunk, images = [], []
-        for f in files[i: i + 64]:
-            try:
-                images.append(data.load_image(f, img_size))
-                chunk.append(f)
-            except (FileNotFoundError, ValueError) as e:
-                bad.append(str(e))
-        if not chunk:
-            continue
-        maps, scores = score(torch.stack(images))
-        for f, img, m, s in zip(chunk, images, maps, scores):
-            png = out / (f"{f.stem}_map.png" if f.stem not in used else f"{f.parent.name}_{f.stem}_{len(used)}_map.png")
-            used.add(f.stem)
-            data.save_png(png, np.concatenate([data.to_uint8(img), data.heatmap(m)], axis=1))
-            verdict = "" if threshold is None else int(s >= threshold)
-            flagged += verdict == 1
-            writer.writerow([str(f), f"{s:.6f}", verdict, str(png)])
-        done += len(chunk)
-        if len(files) > 64:
-            rate = done / (time.time() - t0)
-            print(f"  {done}/{len(files)} images, {rate:.1f}/s, eta {fmt_time((len(files) - i - 64) / rate)}",
-                  file=sys.stderr if not a.csv else sys.stdout, flush=True)
-    if a.csv:
-        stream.close()
-        print(f"wrote scores of {done} images to {a.csv} and heatmaps to {out}")
-    print(f"{flagged} of {done} images flagged as anomalous (score >= threshold {threshold:.6f}, {source})"
-          if threshold is not None else f"no threshold: {source}; the anomalous column is empty",
-          file=sys.stderr if not a.csv else sys.stdout)
-    if bad:
-        raise SystemExit(f"{len(bad)} of {len(files)} files could not be read and were skipped:\n  " + "\n  ".join(bad))
-
-
-def export_files(out, program, info):
-    """The exported program (torch.export.save) and a JSON beside it with the threshold and the input contract."""
-    out = Path(out)
-    if out.suffix != ".pt2":
-        raise SystemExit(f"--out {out}: the file name must end in .pt2 (torch.export's format)")
-    if out.exists():
-        raise SystemExit(f"--out {out} exists: pass a new file name")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.stem + ".tmp.pt2")  # torch.export.save wants the .pt2 ending
-    torch.export.save(program, str(tmp))
-    os.replace(tmp, out)
-    atomic_write(out.with_suffix(".json"), json.dumps(info, indent=2))
-    print(f"wrote {out} and {out.with_suffix('.json')}")
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -944,8 +963,6 @@ def parser(config_cls, doc):
     e.add_argument("--test-masks", default="", help="masks of --test (default: TEST/masks)")
     e.add_argument("--save-maps", action="store_true", help="PNG panels: input | restoration | map | truth")
     e.add_argument("--json", help="where to write the metrics (default: <run>/eval_<checkpoint>_<data>_t<t>.json)")
-    e.add_argument("--bn-recal", type=int, default=0, help="first re-estimate the seg net's BatchNorm statistics "
-                   "on this many training batches at the inference time steps (ours)")
     r = sub.add_parser("predict", help="score your own images, decide, write heatmaps", allow_abbrev=False)
     r.add_argument("inputs", nargs="+", help="image files or folders")
     run_flags(r, "the most recent run")
@@ -969,7 +986,7 @@ def parser(config_cls, doc):
     m.add_argument("--device", default="auto")
     m.add_argument("--log-every", type=float, default=10.0)
     sub.add_parser("bench", help="training and inference speed, plain and shipped paths side by side "
-                   "(docs/bench.py; --help there)", add_help=False)
+                   "(tools.py; bench --help)", add_help=False)
     s = sub.add_parser("table", help="the benchmark table of runs/<root name>: ours and the paper's", allow_abbrev=False)
     s.add_argument("folder", help="a benchmark's run folder, e.g. runs/VisA_20220922")
     return p

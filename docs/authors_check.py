@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import ablations  # noqa: E402
 import diffusionad as D  # noqa: E402
 import runs  # noqa: E402
 
@@ -66,7 +67,7 @@ def main():
             sys.path.insert(0, a.draem)
             from model_unet import ReconstructiveSubNetwork
             print(f"DRAEM+ autoencoder: DRAEM's ReconstructiveSubNetwork {count(ReconstructiveSubNetwork(3, 3)):,} "
-                  f"ours {count(D.Autoencoder(128)):,}")
+                  f"ours {count(ablations.Autoencoder(128)):,}")
 
     g = torch.Generator().manual_seed(0)
     args = defaultdict(str, {"img_size": [a.size, a.size], "base_channels": a.base, "dropout": 0, "num_heads": 4,
@@ -102,7 +103,7 @@ def main():
             theirs.append(seg(torch.cat([x0, x0_hat], 1))[:, 0])
         their_map = torch.stack(theirs).mean(0)
         their_score = their_map.flatten(1).topk(50, dim=1).values.mean(1)
-        maps, scores, _ = model.anomaly_maps(x0, (100, 200), eps.repeat_interleave(a.batch, 0))
+        maps, scores, _ = model.anomaly_maps(x0, (100, 200), eps)
         worst["Alg. 2 map"] = (maps - their_map).abs().max().item()
         worst["Alg. 2 score"] = (scores - their_score).abs().max().item()
     print(f"outputs, {a.size} px, base {a.base}, {a.batch} random images, max |ours - theirs|:")

@@ -4,7 +4,7 @@ python docs/bn_gap.py RUN/ckpt.pt [--batches 20]
 Draws fresh synthetic anomalies on training images (an epoch the run never saw), restores them at the
 inference time steps (Alg. 2) and scores the maps against the synthetic masks with the seg net's
 BatchNorm (a) in eval mode with the running statistics from training, (b) recalibrated on inference-like
-inputs (runs.recalibrate_bn, other images), (c) in training mode (each batch's own statistics).
+inputs (recalibrate_bn below, other images), (c) in training mode (each batch's own statistics).
 Prints pixel AUROC / image AUROC (normal vs synthetic) for each, and the first BatchNorm's running
 variance next to the variance of its input at inference.
 """
@@ -17,10 +17,39 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import ablations  # noqa: E402
 import data  # noqa: E402
 import diffusionad as D  # noqa: E402
 import metrics  # noqa: E402
 import runs  # noqa: E402
+
+
+def recalibrate_bn(model, cfg, opts, trainset, n_batches):
+    """(b): re-estimate the seg net's BatchNorm statistics on inference-like inputs: training batches (the run's
+    training images, never its held-out slice), normal and synthetic, restored at the inference time steps
+    (training sees t up to T). Formerly `eval --bn-recal`, measured in docs/RESULTS.md and removed."""
+    bns = [m for m in model.seg.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches below
+    ts, g = D.ints(cfg.eval_t), torch.Generator().manual_seed(cfg.seed + 7)
+    epoch = 10 ** 6  # synthetic anomalies that training never saw
+    batches = [data.step_keys(b, epoch) for b in data.epoch_batches(len(trainset), cfg.batch_size, cfg.seed, epoch)]
+    model.eval()
+    model.seg.train()
+    with torch.no_grad():
+        for batch in torch.utils.data.DataLoader(trainset, batch_sampler=batches[:n_batches]):
+            x0 = batch["image"]
+            if opts.crop:
+                x0, _ = data.random_crops(x0, torch.zeros_like(x0[:, :1]), opts.crop, g)
+            x0_hat = x0
+            if model.denoiser is not None:
+                t = torch.tensor(ts)[torch.randint(len(ts), (len(x0),), generator=g)]
+                x0_hat = model.restore(x0, t, torch.randn(x0.shape, generator=g))
+            model.segment(x0, x0_hat)
+    for m in bns:
+        m.momentum = 0.1
+    model.eval()
 
 
 def maps_on(model, batches, cfg, ts, bn_train):
@@ -31,7 +60,7 @@ def maps_on(model, batches, cfg, ts, bn_train):
         model.seg.train()
     with torch.no_grad():
         for x0, mask in batches:
-            noise = torch.randn((len(ts) * len(x0), *x0.shape[1:]), generator=g)
+            noise = torch.randn((len(ts), *x0.shape[1:]), generator=g)
             m, s, _ = model.anomaly_maps(x0, ts, noise)
             maps.append(m.numpy()), masks.append(mask[:, 0].numpy()), scores.append(s.numpy())
     maps, masks, scores = np.concatenate(maps), np.concatenate(masks), np.concatenate(scores)
@@ -45,27 +74,27 @@ def main():
     ap.add_argument("--batches", type=int, default=20)
     a = ap.parse_args()
     state, cfg, opts = runs.load_checkpoint(a.ckpt, D.Config)
-    model = D.build_model(cfg, state)
+    model = ablations.build_model(cfg, opts, state)
     trainset = runs.make_trainset(cfg, opts, runs.training_split(opts, runs.open_train(cfg, opts))[0])  # no held-out
     ts = D.ints(cfg.eval_t)
     epoch = 10 ** 6 + 1  # neither training nor recalibrate_bn uses this epoch
     keys = data.epoch_batches(len(trainset), cfg.batch_size, cfg.seed, epoch)[:a.batches]
     batches = []
     for b in torch.utils.data.DataLoader(trainset, batch_sampler=[data.step_keys(k, epoch) for k in keys]):
-        batches.append((D.to_model(b["image"], cfg), b["mask"]))
+        batches.append((b["image"], b["mask"]))
     bn = next(m for m in model.seg.modules() if isinstance(m, torch.nn.BatchNorm2d))
     with torch.no_grad():  # the first BatchNorm's input at inference: conv1 of cat(x0, x0_hat) at ts
         x0 = torch.cat([x for x, _ in batches])[:24]
         x0k = x0.repeat(len(ts), 1, 1, 1)
         t = torch.tensor(ts).repeat_interleave(len(x0))
         x0_hat = x0k if model.denoiser is None else \
-            model.restore(x0k, t, torch.randn(x0k.shape, generator=torch.Generator().manual_seed(5)))[0]
-        feat = model.seg.enc[0][0](x0k if cfg.ablation == "seg-only" else torch.cat([x0k, x0_hat], 1))
+            model.restore(x0k, t, torch.randn(x0k.shape, generator=torch.Generator().manual_seed(5)))
+        feat = model.seg.enc[0][0](x0k if model.denoiser is None else torch.cat([x0k, x0_hat], 1))
     print(f"{a.ckpt} (step {state['step']}): first BatchNorm running var mean {bn.running_var.mean():.4f}, "
           f"its input's variance at t={cfg.eval_t}: {feat.var((0, 2, 3)).mean():.4f}")
     rows = [("eval mode, training statistics", maps_on(model, batches, cfg, ts, False))]
     recal = copy.deepcopy(model)
-    runs.recalibrate_bn(recal, cfg, opts, trainset, torch.device("cpu"), 50, D.to_model)
+    recalibrate_bn(recal, cfg, opts, trainset, 50)
     rows.append(("eval mode, recalibrated (50 batches)", maps_on(recal, batches, cfg, ts, False)))
     rows.append(("train mode, batch statistics", maps_on(copy.deepcopy(model), batches, cfg, ts, True)))
     for name, (p, i) in rows:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import ablations  # noqa: E402
 import data  # noqa: E402
 import diffusionad as D  # noqa: E402
 import runs  # noqa: E402
@@ -30,7 +31,7 @@ def main():
     a = p.parse_args()
     state, cfg, opts = runs.load_checkpoint(a.ckpt, D.Config)
     opts = replace(opts, device="cpu", compile=False, amp=False, log_every=1e9)
-    model = D.build_model(cfg, state).eval()
+    model = ablations.build_model(cfg, opts, state).eval()
     program = torch.export.load(a.program).module()
     images = torch.stack([data.load_image(f, cfg.img_size) for f in data.list_images([a.folder])[: a.n]])
     B = opts.eval_batch

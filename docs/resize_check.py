@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import ablations  # noqa: E402
 import data  # noqa: E402
 import diffusionad as D  # noqa: E402
 import metrics  # noqa: E402
@@ -30,7 +31,7 @@ def main():
     p.add_argument("--native", type=int, default=640, help="the images' native side")
     a = p.parse_args()
     state, cfg, opts = runs.load_checkpoint(a.ckpt, D.Config)
-    model = D.build_model(cfg, state).eval()
+    model = ablations.build_model(cfg, opts, state).eval()
     train, held = data.holdout_split(data.open_dataset(opts.data, "train", a.native), opts.holdout)
     images, S, ts = held or train, cfg.img_size, D.ints(cfg.eval_t)
     eps = D.inference_noise(cfg.seed, len(ts), S)
@@ -40,13 +41,13 @@ def main():
             rng, native = np.random.default_rng((7, j)), images[j]["image"].numpy().transpose(1, 2, 0)
             if where.startswith("drawn at the"):
                 x, M = data.synthesize(data._rgb(Image.fromarray(data._u8(native)), S), None, rng,
-                                       shape=cfg.anomaly_shape, fill=cfg.anomaly_fill)
+                                       shape=opts.anomaly_shape, fill=opts.anomaly_fill)
             else:
-                xn, Mn = data.synthesize(native, None, rng, shape=cfg.anomaly_shape, fill=cfg.anomaly_fill)
+                xn, Mn = data.synthesize(native, None, rng, shape=opts.anomaly_shape, fill=opts.anomaly_fill)
                 x = data._rgb(Image.fromarray(data._u8(xn)), S)
                 M = data.defect_mask(Image.fromarray((Mn * 255).astype(np.uint8)), S)[0]
             with torch.no_grad():
-                m, _, _ = model.anomaly_maps(D.to_model(torch.from_numpy(x.transpose(2, 0, 1).copy())[None], cfg), ts, eps)
+                m, _, _ = model.anomaly_maps(torch.from_numpy(x.transpose(2, 0, 1).copy())[None], ts, eps)
             maps.append(m[0].numpy())
             masks.append(M)
         inside = np.mean([m[k > 0].mean() for m, k in zip(maps, masks)])

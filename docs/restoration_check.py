@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import ablations  # noqa: E402
 import diffusionad as D  # noqa: E402
 import runs  # noqa: E402
 
@@ -26,7 +27,7 @@ def main():
     p.add_argument("--changed", type=float, default=0.5)
     a = p.parse_args()
     state, cfg, opts = runs.load_checkpoint(a.ckpt, D.Config)
-    model = D.build_model(cfg, state).eval()
+    model = ablations.build_model(cfg, opts, state).eval()
     test = runs.open_test(None, opts, cfg.img_size)
     items = [it for it in (test[i] for i in range(len(test))) if it["label"] == 1 and it.get("has_mask", True)]
     images = torch.stack([it["image"] for it in items])
@@ -36,9 +37,9 @@ def main():
         diffs = []
         with torch.inference_mode():
             for i in range(0, len(images), opts.eval_batch):
-                x0 = D.to_model(images[i: i + opts.eval_batch], cfg)
-                x0_hat, _ = model.restore(x0, torch.full((len(x0),), t), eps.expand(len(x0), -1, -1, -1))
-                diffs.append((D.from_model(x0_hat, cfg) - D.from_model(x0, cfg)).abs().mean(1))
+                x0 = images[i: i + opts.eval_batch]
+                x0_hat = model.restore(x0, torch.full((len(x0),), t), eps.expand(len(x0), -1, -1, -1))
+                diffs.append((x0_hat.clamp(0, 1) - x0).abs().mean(1))
         d = torch.cat(diffs)
         inside, outside = d[masks], d[~masks]
         print(f"t={t:4d}: defect pixels |x0_hat - x0| {inside.mean():.3f}, changed > {a.changed}: "

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import ablations  # noqa: E402
 import data  # noqa: E402
 import diffusionad as D  # noqa: E402
 import runs  # noqa: E402
@@ -26,21 +27,21 @@ def main():
     p.add_argument("--n", type=int, default=12)
     a = p.parse_args()
     state, cfg, opts = runs.load_checkpoint(a.ckpt, D.Config)
-    model = D.build_model(cfg, state).eval()
+    model = ablations.build_model(cfg, opts, state).eval()
     train = data.open_dataset(a.data or opts.data, "train", cfg.img_size)
     idx = [round(i * (len(train) - 1) / max(a.n - 1, 1)) for i in range(min(a.n, len(train)))]
-    x0 = D.to_model(torch.stack([train[i]["image"] for i in idx]), cfg)  # (n,3,H,W)
+    x0 = torch.stack([train[i]["image"] for i in idx])  # (n,3,H,W)
     ts = D.ints(cfg.eval_t)
-    noise = torch.randn((len(ts) * len(x0), *x0.shape[1:]), generator=torch.Generator().manual_seed(cfg.seed))
+    noise = D.inference_noise(cfg.seed, len(ts), cfg.img_size)  # Alg. 2's noise, (K,3,H,W)
     with torch.no_grad():
         maps, scores, x0_hat = model.anomaly_maps(x0, ts, noise)
         print(f"{a.ckpt}: {len(x0)} training images, whole: mean score {scores.mean():.3f}, mean map {maps.mean():.3f}")
-        if cfg.crop:
-            c, lo = cfg.crop, (cfg.img_size - cfg.crop) // 2
+        if opts.crop:
+            c, lo = opts.crop, (cfg.img_size - opts.crop) // 2
             cm, cs, _ = model.anomaly_maps(x0[..., lo:lo + c, lo:lo + c], ts, noise[..., lo:lo + c, lo:lo + c])
             print(f"  central {c}-px crops: mean score {cs.mean():.3f}, mean map {cm.mean():.3f}")
-        if x0_hat is not None and model.denoiser is not None:
-            bias = (x0_hat - x0.repeat(len(ts), 1, 1, 1)).view(len(ts), len(x0), 3, -1).mean((1, 3))  # (K,3)
+        if model.denoiser is not None:
+            bias = (x0_hat - x0[None]).reshape(len(x0_hat), len(x0), 3, -1).mean((1, 3))  # (K,3)
             for t, b in zip(ts, bias.tolist()):
                 print(f"  t={t}: mean(x0_hat - x0) per channel " + " ".join(f"{v:+.3f}" for v in b))
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import ablations
 import authors
 import diffusionad as D
 import runs
@@ -28,7 +29,7 @@ def test_the_networks_are_the_authors_parameter_for_parameter():
         fields = authors.authors_config(paper["args"])
         assert {k: getattr(cfg, k) for k in fields if k != "channel_mult"} == \
             {k: v for k, v in fields.items() if k != "channel_mult"}  # the paper's defaults are their args1.json
-        denoiser, seg, ae = D.DenoisingUNet(cfg), D.SegmentationUNet(6, cfg.seg_channels), D.Autoencoder(128)
+        denoiser, seg, ae = D.DenoisingUNet(cfg), D.SegmentationUNet(6, cfg.seg_channels), ablations.Autoencoder(128)
     theirs_unet, theirs_seg = authors.authors_weights(paper["unet_model_state_dict"], paper["seg_model_state_dict"])
     assert shapes(denoiser.state_dict()) == theirs_unet  # the same names (theirs) and shapes, nothing more
     assert shapes(seg.state_dict()) == theirs_seg  # DRAEM's discriminative net, under our names
@@ -86,10 +87,10 @@ def test_an_authors_checkpoint_imports_strictly_and_runs_every_command(tmp_path,
     D.main(["import-authors", str(tmp_path / "params-best.pt"), "--out", str(run), "--data", str(cls),
             "--threshold-from", str(cls / "test" / "good"), "--eval-batch", "4"])
     out = capsys.readouterr().out
-    assert "importing" in out and "32 px, base 32, multipliers 1,2,3,4, T = 1000 (linear), clamp -1,1" in out
+    assert "importing" in out and "32 px, base 32, multipliers 1,2,3,4, T = 1000" in out
     state, cfg, opts = runs.load_checkpoint(run / "ckpt.pt", D.Config)  # the documented way to the model
     model = D.build_model(cfg, state).eval()
-    assert (cfg.img_size, cfg.base_channels, cfg.clamp, cfg.pixel_range, cfg.num_heads) == (32, 32, "-1,1", "0,1", 4)
+    assert (cfg.img_size, cfg.base_channels, cfg.num_heads) == (32, 32, 4)
     assert all(torch.equal(model.denoiser.state_dict()[k], v) for k, v in unet.items())
     ours = model.seg.state_dict()
     assert all(torch.equal(ours[k], v) for k, v in authors.authors_weights({}, seg)[1].items()) and len(ours) == len(seg)

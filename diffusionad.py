@@ -443,18 +443,6 @@ def run_inference(model, images, cfg, opts, device, keep_restorations=False, wha
             torch.cat(restored) if keep_restorations else None)
 
 
-def maps_without_restoration(model, images, opts, device):
-    """The segmentation net's maps (N,H,W) and scores (N,) with x0_hat := x0: what it finds in x0 alone (the
-    reliance on the restoration that every evaluation reports). One segmentation pass per batch."""
-    fmt, out = runs.memory_format(opts, device, inference=True), []
-    with torch.inference_mode(), runs.autocast(opts, device):
-        for i in range(0, len(images), opts.eval_batch):
-            x0 = images[i: i + opts.eval_batch].to(device).contiguous(memory_format=fmt)
-            out.append(torch.sigmoid(model.segment(x0, x0).float())[:, 0].cpu())  # float32, as anomaly_map
-    maps = torch.cat(out)
-    return maps.numpy(), model.image_score(maps).numpy()
-
-
 def evaluate(model, cfg, opts, test, device, name, threshold=None, maps_dir=None):
     """Alg. 2 on a whole test split: metrics (metrics.py), FPS, the reliance on the restoration, its PSNR, the
     threshold's verdicts; panels if maps_dir. Returns the results dict."""
@@ -467,12 +455,8 @@ def evaluate(model, cfg, opts, test, device, name, threshold=None, maps_dir=None
     fps = len(images) / (time.perf_counter() - t0)
     res = metrics.evaluate(maps, masks, labels, scores, defects=[it["defect"] for it in items], pixel_images=known)
     res.update(fps=round(fps, 3), eval_t=list(ints(cfg.eval_t)), data=str(name), device=str(device))
-    if model.denoiser is not None and model.seg is not None:  # the seg net's reliance on the restoration
-        plain_maps, plain_scores = maps_without_restoration(model, images, opts, device)
-        res["without_restoration"] = plain = metrics.evaluate(plain_maps, masks, labels, plain_scores,
-                                                              pixel_images=known)
-        res["reliance"] = {k: None if res[k] is None else res[k] - plain[k]
-                           for k in ("image_auroc", "pixel_auroc", "pixel_pro")}
+    if model.denoiser is not None and model.seg is not None:  # the drop with x0_hat := x0
+        runs.add_reliance(res, model, images, masks, labels, known, opts, device)
     if model.denoiser is not None:  # PSNR of the restorations (a variant without time steps: its reconstruction)
         res["restoration_psnr_good"] = runs.psnr(mse, labels, ints(cfg.eval_t) if uses_time_steps(model) else
                                                  ("reconstruction",))

@@ -846,6 +846,26 @@ def read_split(test):
             np.array([it["label"] for it in items]), np.array([it.get("has_mask", True) for it in items]))
 
 
+def maps_without_restoration(model, images, opts, device):
+    """The segmentation net's maps (N,H,W) and scores (N,) with x0_hat := x0: what it finds in x0 alone. One
+    segmentation pass per batch."""
+    fmt, out = memory_format(opts, device, inference=True), []
+    with torch.inference_mode(), autocast(opts, device):
+        for i in range(0, len(images), opts.eval_batch):
+            x0 = images[i: i + opts.eval_batch].to(device).contiguous(memory_format=fmt)
+            out.append(torch.sigmoid(model.segment(x0, x0).float())[:, 0].cpu())  # float32, as Alg. 2's maps
+    maps = torch.cat(out)
+    return maps.numpy(), model.image_score(maps).numpy()
+
+
+def add_reliance(res, model, images, masks, labels, known, opts, device):
+    """The segmentation net's reliance on the restoration, which every evaluation of a model with both networks
+    reports: how much image AUROC, pixel AUROC and PRO drop when x0_hat is replaced by x0 itself."""
+    plain_maps, plain_scores = maps_without_restoration(model, images, opts, device)
+    res["without_restoration"] = plain = metrics.evaluate(plain_maps, masks, labels, plain_scores, pixel_images=known)
+    res["reliance"] = {k: None if res[k] is None else res[k] - plain[k] for k in ("image_auroc", "pixel_auroc", "pixel_pro")}
+
+
 def psnr(mse, labels, steps):
     """PSNR (dB) of the good images' restorations per time step: mse (N,K), labels (N,); None without good images."""
     if not (labels == 0).any():

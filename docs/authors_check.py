@@ -11,8 +11,20 @@ included, and the BatchNorm running statistics perturbed. Saves them as their tr
 probabilities, and Alg. 2 (t = 100 and 200, top-50) written out with their GaussianDiffusionModel (sample_q,
 predict_x_0_from_eps, the clamp) against ours. Also counts parameters at the paper's configuration, and DRAEM's
 reconstructive sub-network against our DRAEM+ autoencoder (--draem).
+
+Alg. 1: DiffusionAD.train_loss against the paper's Alg. 1 composed from their functions (calc_loss with our noise,
+predict_x_0_from_eps, clamp (-1, 1), their seg net, train.py's BinaryFocalLoss and SmoothL1Loss, total = L_noise
++ 5 focal + SmoothL1) with L_noise averaged over every image, both nets in training mode (BatchNorm over the
+batch): the losses, and every parameter's gradient (relative L2 difference).
+
+    python docs/authors_check.py --authors /tmp/authors --pin PARAMS.pt
+
+prints, as JSON, their values on the checkpoint PARAMS.pt (tests/test_authors.py writes it) for the inputs of
+pinned_inputs(): the pinned values that tests/test_authors.py checks ours against without their code.
 """
 import argparse
+import ast
+import json
 import subprocess
 import sys
 import tempfile
@@ -24,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ablations  # noqa: E402
+import authors  # noqa: E402
 import diffusionad as D  # noqa: E402
 import runs  # noqa: E402
 
@@ -40,6 +53,61 @@ def randomise(net, g):
     return net
 
 
+def pinned_inputs(size, batch=6):
+    """The fixed batch of the pinned checks (the same code is in tests/test_authors.py): 3 normal + 3 synthetic
+    images (a square inverted), their masks, t and eps as Alg. 1 draws them."""
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.rand(batch, 3, size, size, generator=g)
+    mask = torch.zeros(batch, 1, size, size)
+    mask[batch // 2:, :, size // 4: size // 2, size // 4: size // 2] = 1
+    x0 = torch.where(mask > 0, 1 - x0, x0)
+    return x0, mask, torch.randint(0, 1000, (batch,), generator=g), torch.randn(x0.shape, generator=g)
+
+
+def their_focal_loss(authors):
+    """train.py's BinaryFocalLoss, taken from their file at run time (train.py itself imports half of PyPI)."""
+    tree = ast.parse((Path(authors) / "train.py").read_text())
+    node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "BinaryFocalLoss")
+    ns = {"torch": torch, "nn": torch.nn, "F": torch.nn.functional}
+    exec(compile(ast.Module([node], []), "train.py", "exec"), ns)
+    return ns["BinaryFocalLoss"]()
+
+
+def their_alg1(unet, seg, ddpm, focal, x0, mask, t, eps):
+    """The paper's Alg. 1 from their functions, L_noise over every image: (losses, the total)."""
+    ddpm.noise_fn = lambda x, tt: eps  # calc_loss draws its noise with noise_fn: ours instead
+    loss, x_t, eps_hat = ddpm.calc_loss(unet, x0, t)
+    x0_hat = ddpm.predict_x_0_from_eps(x_t, t, eps_hat).clamp(-1, 1)
+    pred = seg(torch.cat([x0, x0_hat], 1))
+    noise, mask_loss = loss["loss"].mean(), 5 * focal(pred, mask) + torch.nn.SmoothL1Loss()(pred, mask)
+    return {"noise": noise, "mask": mask_loss, "total": noise + mask_loss}
+
+
+def compare_alg1(unet, seg, ddpm, focal, model, size):
+    """Our train_loss against theirs on pinned_inputs: the largest loss difference and the largest relative
+    gradient difference of any parameter (their names)."""
+    x0, mask, t, eps = pinned_inputs(size)
+    unet.train(), seg.train(), model.train()
+    for net in (unet, seg, model):
+        net.zero_grad()
+    theirs, ours = their_alg1(unet, seg, ddpm, focal, x0, mask, t, eps), model.train_loss(x0, mask, t, eps)
+    theirs["total"].backward()
+    ours["total"].backward()
+    loss_diff = max(abs(theirs[k].item() - ours[k].item()) for k in ("noise", "mask", "total"))
+    grads = {f"unet.{k}": (p.grad, dict(model.denoiser.named_parameters())[k].grad) for k, p in unet.named_parameters()}
+    seg_ours = dict(model.seg.named_parameters())
+    names = {theirs: ours for ours, theirs in authors.authors_weights({}, {k: k for k, _ in seg.named_parameters()})[1].items()}
+    grads.update({f"seg.{names[k]}": (p.grad, seg_ours[names[k]].grad) for k, p in seg.named_parameters()})
+    # relative to the tensor's gradient, floored at 1e-3 of its network's: a conv bias before a BatchNorm has a
+    # gradient of zero up to float rounding, so its own relative difference is noise
+    scale = {net: torch.cat([a.flatten() for k, (a, _) in grads.items() if k.startswith(net)]).norm()
+             for net in ("unet", "seg")}
+    rel = {k: ((a - b).norm() / torch.maximum(a.norm(), 1e-3 * scale[k.split(".")[0]])).item()
+           for k, (a, b) in grads.items()}
+    worst = max(rel, key=rel.get)
+    return theirs, loss_diff, worst, rel[worst]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--authors", required=True, help="a work tree of HuiZhang0812/DiffusionAD")
@@ -47,6 +115,7 @@ def main():
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--base", type=int, default=128)
     ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--pin", help="an authors' checkpoint: print their values on pinned_inputs as JSON, and stop")
     a = ap.parse_args()
     sys.path.insert(0, a.authors)
     for name in ("matplotlib", "matplotlib.pyplot", "torchvision", "torchvision.transforms"):  # DDPM.py imports them
@@ -56,6 +125,9 @@ def main():
     from models.Recon_subnetwork import UNetModel
     from models.Seg_subnetwork import SegmentationSubNetwork
     from models.DDPM import GaussianDiffusionModel, get_beta_schedule
+    focal = their_focal_loss(a.authors)
+    if a.pin:
+        return pin(a, UNetModel, SegmentationSubNetwork, GaussianDiffusionModel, get_beta_schedule, focal)
 
     count = lambda m: sum(p.numel() for p in m.parameters())
     with torch.device("meta"):
@@ -110,8 +182,29 @@ def main():
     for k, v in worst.items():
         print(f"  {k:<18} {v:.2e}")
     ok = max(worst.values()) <= 1e-4
-    print("PASS: every difference <= 1e-4" if ok else "FAIL: a difference > 1e-4")
+    _, loss_diff, name, rel = compare_alg1(unet, seg, ddpm, focal, model, a.size)
+    print(f"Alg. 1 on 3 normal + 3 synthetic images, training mode: max |loss ours - theirs| {loss_diff:.2e} "
+          f"(noise, mask, total); largest relative gradient difference {rel:.2e} ({name})")
+    ok = ok and loss_diff <= 1e-6 and rel <= 2e-2
+    print("PASS: outputs <= 1e-4, losses <= 1e-6, gradients <= 2e-2 relative" if ok else "FAIL")
     sys.exit(0 if ok else 1)
+
+
+def pin(a, UNetModel, SegmentationSubNetwork, GaussianDiffusionModel, get_beta_schedule, focal):
+    """Their values on the checkpoint a.pin for pinned_inputs, as JSON."""
+    ckpt = torch.load(a.pin, weights_only=False)
+    args = ckpt["args"]
+    unet = UNetModel(args["img_size"][0], args["base_channels"], channel_mults=args["channel_mults"], dropout=0,
+                     n_heads=args["num_heads"], n_head_channels=args["num_head_channels"], in_channels=3)
+    unet.load_state_dict(ckpt["unet_model_state_dict"])
+    seg = SegmentationSubNetwork(in_channels=6, out_channels=1,
+                                 base_channels=ckpt["seg_model_state_dict"]["encoder_segment.block1.0.weight"].shape[0])
+    seg.load_state_dict(ckpt["seg_model_state_dict"])
+    ddpm = GaussianDiffusionModel(args["img_size"], get_beta_schedule(1000, "linear"), img_channels=3)
+    x0, mask, t, eps = pinned_inputs(args["img_size"][0])
+    unet.train(), seg.train()
+    losses = their_alg1(unet, seg, ddpm, focal, x0, mask, t, eps)
+    print(json.dumps({"alg1": {k: v.item() for k, v in losses.items()}}, indent=1))
 
 
 if __name__ == "__main__":

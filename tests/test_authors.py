@@ -116,6 +116,36 @@ def test_an_authors_checkpoint_imports_strictly_and_runs_every_command(tmp_path,
     assert "| toy |" in runs.write_table(bench)
 
 
+def pinned_inputs(size, batch=6):
+    """docs/authors_check.py's pinned_inputs: 3 normal + 3 synthetic images, their masks, t and eps."""
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.rand(batch, 3, size, size, generator=g)
+    mask = torch.zeros(batch, 1, size, size)
+    mask[batch // 2:, :, size // 4: size // 2, size // 4: size // 2] = 1
+    x0 = torch.where(mask > 0, 1 - x0, x0)
+    return x0, mask, torch.randint(0, 1000, (batch,), generator=g), torch.randn(x0.shape, generator=g)
+
+
+# The paper's Alg. 1 composed from the authors' functions (calc_loss, predict_x_0_from_eps, clamp (-1, 1), their seg
+# net, train.py's BinaryFocalLoss and SmoothL1Loss), L_noise over every image, on authors_checkpoint(seed 0) in
+# training mode: `python docs/authors_check.py --authors A --pin PARAMS.pt` with their code (never needed here).
+PINNED_ALG1 = {"noise": 0.9934352040290833, "mask": 0.22819361090660095, "total": 1.2216287851333618}
+
+
+def test_train_loss_is_alg1_composed_from_the_authors_functions(tmp_path):
+    authors_checkpoint(tmp_path / "p.pt")
+    D.main(["import-authors", str(tmp_path / "p.pt"), "--out", str(tmp_path / "r")])
+    state, cfg, opts = runs.load_checkpoint(tmp_path / "r" / "ckpt.pt", D.Config)
+    model = D.build_model(cfg, state).train()  # BatchNorm over the batch, as their train.py
+    x0, mask, t, eps = pinned_inputs(cfg.img_size)
+    out = model.train_loss(x0, mask, t, eps)
+    for k, v in PINNED_ALG1.items():
+        assert abs(out[k].item() - v) < 1e-6, (k, out[k].item(), v)
+    with torch.no_grad():  # over the normal half alone (the authors' later code), L_noise would be another number
+        half = (model.denoiser(model.q_sample(x0, t, eps), t) - eps)[:3].square().mean().item()
+    assert abs(half - PINNED_ALG1["noise"]) > 1e-3
+
+
 def test_an_imported_run_without_data_and_bad_files_are_one_clear_line(tmp_path):
     authors_checkpoint(tmp_path / "p.pt")
     D.main(["import-authors", str(tmp_path / "p.pt"), "--out", str(tmp_path / "r")])

@@ -827,7 +827,7 @@ def test_every_evaluation_reports_the_reliance_on_the_restoration(tmp_path, caps
     cfg, opts = tiny(data="synthetic")
     model = D.build_model(cfg).eval()
     images = torch.rand(5, 3, 32, 32)
-    maps, scores = D.maps_without_restoration(model, images, opts, torch.device("cpu"))
+    maps, scores = runs.maps_without_restoration(model, images, opts, torch.device("cpu"))
     model.restore = lambda x0, t, eps: x0
     ref_maps, ref_scores, _, _ = D.run_inference(model, images, cfg, opts, torch.device("cpu"))
     assert np.allclose(maps, ref_maps, atol=1e-5) and np.allclose(scores, ref_scores, atol=1e-5)

@@ -156,7 +156,7 @@ class Attention(nn.Module):
         B, C, H, W = x.shape
         x = x.reshape(B, C, H * W)
         qkv = self.to_qkv(self.norm(x)).reshape(B, self.heads, 3, C // self.heads, H * W)
-        q, k, v = qkv.transpose(-1, -2).unbind(2)  # each (B, heads, HW, C/heads)
+        q, k, v = qkv.permute(2, 0, 1, 4, 3).contiguous().unbind(0)  # each (B, heads, HW, C/heads), contiguous
         h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, C/heads)
         return (x + self.proj_out(h.transpose(-1, -2).reshape(B, C, H * W))).reshape(B, C, H, W)
 

@@ -134,6 +134,7 @@ class Alg2Program(nn.Module):
 
 
 def export_cmd(a):
+    check_export_path(a.out)  # before any work
     path, state, cfg, opts, model = load(a)
     program = Alg2Program(model, cfg).eval().requires_grad_(False)
     example = torch.rand(2, 3, cfg.img_size, cfg.img_size)
@@ -147,13 +148,18 @@ def export_cmd(a):
         "outputs": "maps (B, S, S) in [0, 1], scores (B,); anomalous when score >= threshold"})
 
 
-def export_files(out, program, info):
-    """The exported program (torch.export.save) and a JSON beside it with the threshold and the input contract."""
+def check_export_path(out):
     out = Path(out)
     if out.suffix != ".pt2":
         raise SystemExit(f"--out {out}: the file name must end in .pt2 (torch.export's format)")
     if out.exists():
         raise SystemExit(f"--out {out} exists: pass a new file name")
+
+
+def export_files(out, program, info):
+    """The exported program (torch.export.save) and a JSON beside it with the threshold and the input contract."""
+    out = Path(out)
+    check_export_path(out)  # again: another process may have written it meanwhile
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.stem + ".tmp.pt2")  # torch.export.save wants the .pt2 ending
     torch.export.save(program, str(tmp))

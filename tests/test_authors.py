@@ -1,6 +1,7 @@
 """The authors' networks and checkpoints: state_dict names, shapes and parameter counts against facts recorded
 from their released modules (tests/authors_state_dicts.json; no code of theirs is needed), and import-authors
 end to end: a checkpoint in their train.py's format imports strictly, evaluates, predicts and exports."""
+import argparse
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -13,6 +14,7 @@ import ablations
 import authors
 import diffusionad as D
 import runs
+import tools
 from test_diffusionad import make_mvtec_tree
 
 FACTS = json.loads((Path(__file__).parent / "authors_state_dicts.json").read_text())
@@ -105,11 +107,13 @@ def test_an_authors_checkpoint_imports_strictly_and_runs_every_command(tmp_path,
     assert (run / "eval_ckpt_toy_t100+200.json").is_file()
     D.main(["predict", "--run", str(run), str(cls / "test" / "hole"), "--csv", str(tmp_path / "p.csv")])
     assert "of 3 images flagged as anomalous" in capsys.readouterr().out
-    D.main(["export", "--run", str(run), "--out", str(tmp_path / "m.pt2")])
-    program = torch.export.load(str(tmp_path / "m.pt2")).module()
+    # export's module (torch.export of it, for any run folder: tests/test_own_images.py) on the imported model
+    program = tools.Alg2Program(tools.load(argparse.Namespace(ckpt=None, run=str(run), eval_t=None, eval_batch=None,
+                                                             device="cpu", amp=False, compile=False, log_every=None))[4], cfg)
     images = torch.stack([D.data.load_image(p, 32) for p in sorted((cls / "test" / "hole").iterdir())])
     scores = D.run_inference(model, images, cfg, opts, torch.device("cpu"))[1]
-    assert np.allclose(program(images)[1].numpy(), scores, atol=1e-4)
+    with torch.no_grad():
+        assert np.allclose(program(images)[1].numpy(), scores, atol=1e-4)
     bench = tmp_path / "bench"  # a benchmark folder of imported classes: the table reads it
     bench.mkdir()
     run.rename(bench / "toy")

@@ -1,6 +1,7 @@
 """Behaviour of diffusionad.py: the equations, the networks, Alg. 1 and 2, checkpoints and the CLI."""
 import json
 import os
+import runpy
 import signal
 import socket
 import subprocess
@@ -209,13 +210,13 @@ def test_restoration_is_clamped_to_minus_one_one_as_the_authors():
     assert x0_hat.min() == -1.0 and x0_hat.max() == 1.0  # t = T divides by sqrt(alpha_bar) ~ 0.006: clamped
 
 
-def test_train_t_limits_the_sampled_time_steps(monkeypatch, tmp_path):
+def test_train_t_limits_the_sampled_time_steps(monkeypatch, tmp_path, parts):
     drawn = {}
     for train_t in (300, 2):
         seen = []
         monkeypatch.setattr(D.DiffusionAD, "train_loss", lambda self, x0, mask, t, eps: (
             seen.append(t), {"noise": eps.mean() * 0, "total": (self.denoiser(x0, t) * 0).sum()})[1])
-        D.train(*tiny(data="synthetic", max_steps=20, train_t=train_t, holdout=0, out=str(tmp_path / str(train_t))))
+        D.train(*tiny(data=str(parts), max_steps=10, train_t=train_t, holdout=0, out=str(tmp_path / str(train_t))))
         drawn[train_t] = torch.cat(seen)
     assert drawn[300].min() >= 0 and drawn[300].max() <= 299 and drawn[300].max() > 200  # t ~ U{0..299}
     assert set(drawn[2].tolist()) == {0, 1}  # 0-based: t = 0 is drawn, t = train_t never
@@ -262,8 +263,8 @@ def test_ablations_train_and_infer(ablation):
 # ---------------------------------------------------------------- runs, checkpoints, resume
 
 # Bitwise reproducibility is promised on the CPU; on CUDA, cuDNN and atomic adds differ in the last bits.
-def test_same_seed_same_run_and_checkpoint_loads_weights_only(tmp_path):
-    folders = [D.train(*tiny(data="synthetic", max_steps=3, device="cpu", out=str(tmp_path / n))) for n in "ab"]
+def test_same_seed_same_run_and_checkpoint_loads_weights_only(tmp_path, parts):
+    folders = [D.train(*tiny(data=str(parts), holdout=0, max_steps=3, device="cpu", out=str(tmp_path / n))) for n in "ab"]
     wa, wb = weights(folders[0]), weights(folders[1])
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     la = (folders[0] / "log.csv").read_text().splitlines()
@@ -274,13 +275,13 @@ def test_same_seed_same_run_and_checkpoint_loads_weights_only(tmp_path):
     state, cfg, opts = runs.load_checkpoint(folders[0] / "ckpt.pt", D.Config)  # the documented way to the model
     model = D.build_model(cfg, state)
     assert torch.equal(model.denoiser.state_dict()["down.0.0.weight"], ck["denoiser"]["down.0.0.weight"])
-    c = D.train(*tiny(data="synthetic", max_steps=3, seed=1, device="cpu", out=str(tmp_path / "c")))
+    c = D.train(*tiny(data=str(parts), holdout=0, max_steps=3, seed=1, device="cpu", out=str(tmp_path / "c")))
     assert not torch.equal(weights(c)["denoiser.down.0.0.weight"], wa["denoiser.down.0.0.weight"])
 
 
-def test_resume_continues_the_same_trajectory(tmp_path):
-    full = D.train(*tiny(data="synthetic", max_steps=5, device="cpu", out=str(tmp_path / "full")))
-    part = tiny(data="synthetic", max_steps=3, device="cpu", out=str(tmp_path / "part"))
+def test_resume_continues_the_same_trajectory(tmp_path, parts):
+    full = D.train(*tiny(data=str(parts), holdout=0, max_steps=5, device="cpu", out=str(tmp_path / "full")))
+    part = tiny(data=str(parts), holdout=0, max_steps=3, device="cpu", out=str(tmp_path / "part"))
     D.train(*part)
     D.train(part[0], replace(part[1], max_steps=5), resume=True)
     wf, wp = weights(full), weights(tmp_path / "part")
@@ -297,8 +298,8 @@ def test_cosine_schedule_decays_to_zero_and_constant_is_the_papers():
 
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
-def test_a_run_ended_by_max_minutes_resumes_exactly(tmp_path, schedule):
-    flags = tiny_flags(data="synthetic", ckpt_every=3, lr_schedule=schedule)
+def test_a_run_ended_by_max_minutes_resumes_exactly(tmp_path, schedule, parts):
+    flags = tiny_flags(data=str(parts), holdout=0, ckpt_every=3, lr_schedule=schedule)
     D.main(["train", *flags, "--max-steps", "6", "--out", str(tmp_path / "a")])
     D.main(["train", *flags, "--max-steps", "6", "--max-minutes", "1e-9", "--out", str(tmp_path / "b")])
     D.main(["train", *flags, "--max-steps", "6", "--out", str(tmp_path / "b"), "--resume"])
@@ -316,25 +317,26 @@ def test_max_minutes_ends_with_a_checkpoint_and_the_final_evaluation(tmp_path, c
     assert "--max-minutes 1e-06 reached at step 1/50" in capsys.readouterr().out
 
 
-def test_resume_errors(tmp_path):
+def test_resume_errors(tmp_path, parts):
+    quick = lambda **kw: tiny(data=str(parts), holdout=0, **kw)
     with pytest.raises(SystemExit, match="--resume: no checkpoint"):
-        D.train(*tiny(data="synthetic", max_steps=1, out=str(tmp_path / "none")), resume=True)
-    D.train(*tiny(data="synthetic", max_steps=1, out=str(tmp_path / "r")))
+        D.train(*quick(max_steps=1, out=str(tmp_path / "none")), resume=True)
+    D.train(*quick(max_steps=1, out=str(tmp_path / "r")))
     with pytest.raises(SystemExit, match=r"another configuration:\n  base_channels: checkpoint 16 vs requested 32"):
-        D.train(*tiny(data="synthetic", max_steps=2, base_channels=32, out=str(tmp_path / "r")), resume=True)
+        D.train(*quick(max_steps=2, base_channels=32, out=str(tmp_path / "r")), resume=True)
     with pytest.raises(SystemExit, match=r"lr: checkpoint 0.0001 vs requested 0.001"):
-        D.train(*tiny(data="synthetic", max_steps=2, lr=1e-3, out=str(tmp_path / "r")), resume=True)
+        D.train(*quick(max_steps=2, lr=1e-3, out=str(tmp_path / "r")), resume=True)
     with pytest.raises(SystemExit, match=r"train_t: checkpoint 0 vs requested 300"):  # a recipe option is fixed too
-        D.train(*tiny(data="synthetic", max_steps=2, train_t=300, out=str(tmp_path / "r")), resume=True)
+        D.train(*quick(max_steps=2, train_t=300, out=str(tmp_path / "r")), resume=True)
     state = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)
     torch.save({**state, "version": 2}, tmp_path / "r" / "ckpt.pt")  # L_noise over the normal half
     with pytest.raises(SystemExit, match=r"checkpoint format 2\); this version averages it over every image"):
-        D.train(*tiny(data="synthetic", max_steps=2, out=str(tmp_path / "r")), resume=True)
+        D.train(*quick(max_steps=2, out=str(tmp_path / "r")), resume=True)
     with pytest.raises(SystemExit, match="exists: pass --resume"):
-        D.train(*tiny(data="synthetic", max_steps=2, out=str(tmp_path / "r")))
+        D.train(*quick(max_steps=2, out=str(tmp_path / "r")))
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, parts):
     real = D.DiffusionAD.train_loss
 
     def poisoned(self, *a):
@@ -346,16 +348,16 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     steps = []
     monkeypatch.setattr(D.DiffusionAD, "train_loss", poisoned)
     with pytest.raises(SystemExit, match=r"loss is nan at step 4.*checkpoint \(step 2\)"):
-        D.train(*tiny(data="synthetic", max_steps=10, ckpt_every=2, out=str(tmp_path / "n")))
+        D.train(*tiny(data=str(parts), holdout=0, max_steps=10, ckpt_every=2, out=str(tmp_path / "n")))
     assert torch.load(tmp_path / "n" / "ckpt.pt", weights_only=True)["step"] == 2
 
 
-def test_out_of_memory_gives_advice(tmp_path, monkeypatch):
+def test_out_of_memory_gives_advice(tmp_path, monkeypatch, parts):
     def oom(*a, **k):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     monkeypatch.setattr(D.DiffusionAD, "train_loss", oom)
     with pytest.raises(SystemExit, match="smaller --batch-size, --amp"):
-        D.train(*tiny(data="synthetic", max_steps=2, out=str(tmp_path / "o")))
+        D.train(*tiny(data=str(parts), holdout=0, max_steps=2, out=str(tmp_path / "o")))
 
 
 def test_bad_config_and_flags():
@@ -532,23 +534,24 @@ def test_unwritable_run_folder(tmp_path):
         D.train(*tiny(data="synthetic", max_steps=1, out=str(tmp_path / "file" / "run")))
 
 
-def test_nan_at_the_first_step_says_no_checkpoint_exists(tmp_path, monkeypatch):
+def test_nan_at_the_first_step_says_no_checkpoint_exists(tmp_path, monkeypatch, parts):
     real = D.DiffusionAD.train_loss
     monkeypatch.setattr(D.DiffusionAD, "train_loss", lambda self, *a: {k: v * float("nan") for k, v in real(self, *a).items()})
     with pytest.raises(SystemExit, match=r"loss is nan at step 1; stopped, no checkpoint was written yet"):
-        D.train(*tiny(data="synthetic", max_steps=5, out=str(tmp_path / "n")))
+        D.train(*tiny(data=str(parts), holdout=0, max_steps=5, out=str(tmp_path / "n")))
     assert not (tmp_path / "n" / "ckpt.pt").exists()
 
 
-def test_a_second_train_on_a_live_run_folder_refuses(tmp_path):
-    D.train(*tiny(data="synthetic", max_steps=1, out=str(tmp_path / "r")))
+def test_a_second_train_on_a_live_run_folder_refuses(tmp_path, parts):
+    quick = lambda **kw: tiny(data=str(parts), holdout=0, **kw)
+    D.train(*quick(max_steps=1, out=str(tmp_path / "r")))
     held = runs.lock_run(tmp_path / "r")  # as a live training process holds it
     try:
         with pytest.raises(SystemExit, match=rf"being trained by another process \(pid {os.getpid()}\)"):
-            D.train(*tiny(data="synthetic", max_steps=2, out=str(tmp_path / "r")), resume=True)
+            D.train(*quick(max_steps=2, out=str(tmp_path / "r")), resume=True)
     finally:
         held.close()
-    D.train(*tiny(data="synthetic", max_steps=2, out=str(tmp_path / "r")), resume=True)  # free again
+    D.train(*quick(max_steps=2, out=str(tmp_path / "r")), resume=True)  # free again
 
 
 def wait_for(cond, timeout=120):
@@ -558,31 +561,30 @@ def wait_for(cond, timeout=120):
         time.sleep(0.05)
 
 
-@pytest.fixture(scope="module")
-def uninterrupted_24(tmp_path_factory):
-    """The weights of the 24-step run that the interrupted ones must reach; trained once for both signals."""
-    out = tmp_path_factory.mktemp("ref") / "ref"
-    D.train(*tiny(data="synthetic", ckpt_every=4, max_steps=24, device="cpu", out=str(out)))
-    return weights(out)
-
-
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_interrupted_training_resumes_to_the_same_weights(tmp_path, sig, uninterrupted_24):
-    flags = tiny_flags(data="synthetic", ckpt_every=4) + ["--max-steps", "24", "--device", "cpu"]
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, parts):
+    """Ctrl-C / SIGTERM checkpoints the current step and says how to resume; kill -9 (of the resumed run) loses at
+    most --ckpt-every steps; the run then resumes to the weights of an uninterrupted one, its log complete."""
+    flags = tiny_flags(data=str(parts), holdout=0, ckpt_every=4) + ["--max-steps", "24", "--device", "cpu"]
+    D.main(["train", *flags, "--out", str(tmp_path / "ref")])
     cmd = [sys.executable, "diffusionad.py", "train", *flags, "--out", str(tmp_path / "run")]
+    ckpt = tmp_path / "run" / "ckpt.pt"
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: (tmp_path / "run" / "ckpt.pt").exists())
-    proc.send_signal(sig)
+    wait_for(ckpt.exists)
+    proc.send_signal(signal.SIGTERM)  # a checkpoint of the current step, and how to resume
     _, err = proc.communicate(timeout=120)
-    step = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"]
+    step = torch.load(ckpt, weights_only=True)["step"]
     assert 4 <= step < 24, "interrupt came too late to test anything"
-    if sig == signal.SIGTERM:  # a checkpoint of the current step, and how to resume
-        assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err
-        assert f"interrupted at step {step}/24: the checkpoint of step {step} is at" in err and "--resume" in err
-    else:  # kill -9: at most --ckpt-every steps lost
-        assert proc.returncode == -signal.SIGKILL and step % 4 == 0
-    subprocess.run(cmd + ["--resume"], cwd=ROOT, check=True, capture_output=True, timeout=300)
-    a, b = weights(tmp_path / "run"), uninterrupted_24
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err
+    assert f"interrupted at step {step}/24: the checkpoint of step {step} is at" in err and "--resume" in err
+    written = ckpt.stat().st_mtime_ns
+    proc = subprocess.Popen(cmd + ["--resume"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: ckpt.stat().st_mtime_ns != written)  # its first checkpoint
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=120)
+    killed = torch.load(ckpt, weights_only=True)["step"]
+    assert proc.returncode == -signal.SIGKILL and step < killed < 24 and killed % 4 == 0  # at most 4 steps lost
+    D.main(["train", *flags, "--out", str(tmp_path / "run"), "--resume"])
+    a, b = weights(tmp_path / "run"), weights(tmp_path / "ref")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     rows = [r.split(",")[0] for r in (tmp_path / "run" / "log.csv").read_text().splitlines()[1:]]
     assert rows == [str(i) for i in range(1, 25)]
@@ -640,7 +642,7 @@ def test_benchmark_root_trains_each_class_skips_finished_and_resumes(tmp_path, m
     saved = mask.read_bytes()
     mask.unlink()
     monkeypatch.chdir(tmp_path)
-    flags = ["train", "--data", str(root), "--max-steps", "2"] + tiny_flags(img_size=64)
+    flags = ["train", "--data", str(root), "--max-steps", "2"] + tiny_flags(img_size=64, holdout=0)
     with pytest.raises(SystemExit, match=r"1 class\(es\) failed: zoo"):
         D.main(flags)
     out = capsys.readouterr()
@@ -661,42 +663,56 @@ def test_benchmark_root_trains_each_class_skips_finished_and_resumes(tmp_path, m
     assert "| mean |" in capsys.readouterr().out
 
 
-def ddp_worker(rank, world, port, argv, result):
-    """One torchrun-like rank: records the items it draws, what it writes, and its final weights."""
+def torchrun_worker(rank, world, port, jobs, result, cwd):
+    """One torchrun-like rank running each argv of jobs in turn; per job it records the items it draws, what it
+    writes, and its final weights."""
     import builtins
     import io
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
+    os.chdir(cwd)
     torch.set_num_threads(1)
-    seen, written, models = [], [], []
-    get, losses, real_open = data.TrainSet.__getitem__, D.DiffusionAD.train_loss, builtins.open
-    data.TrainSet.__getitem__ = lambda self, key: (seen.append(key), get(self, key))[1]
-    D.DiffusionAD.train_loss = lambda self, *a: (models.append(self), losses(self, *a))[1]
+    get, losses, real_open, save = data.TrainSet.__getitem__, D.DiffusionAD.train_loss, builtins.open, runs.atomic_write
+    for k, argv in enumerate(jobs):
+        os.environ["MASTER_PORT"] = str(port + k)
+        seen, written, models = [], [], []
+        data.TrainSet.__getitem__ = lambda self, key: (seen.append(key), get(self, key))[1]
+        D.DiffusionAD.train_loss = lambda self, *a: (models.append(self), losses(self, *a))[1]
 
-    def recording_open(f, mode="r", *a, **k):
-        if any(c in mode for c in "wax+"):
-            written.append(str(f))
-        return real_open(f, mode, *a, **k)
-    builtins.open = io.open = recording_open
-    save = runs.atomic_write
-    runs.atomic_write = lambda path, content: (written.append(str(path)), save(path, content))[1]
-    D.main(argv)
-    torch.save({"seen": seen, "written": written,
-                "weights": {k: v.clone() for k, v in models[-1].state_dict().items()}}, f"{result}{rank}.pt")
+        def recording_open(f, mode="r", *a, **kw):
+            if any(c in mode for c in "wax+"):
+                written.append(str(f))
+            return real_open(f, mode, *a, **kw)
+        builtins.open = io.open = recording_open
+        runs.atomic_write = lambda path, content: (written.append(str(path)), save(path, content))[1]
+        D.main(argv)
+        builtins.open = io.open = real_open
+        torch.save({"seen": seen, "written": written,
+                    "weights": {k: v.clone() for k, v in models[-1].state_dict().items()}}, f"{result}{rank}_{k}.pt")
 
 
-def test_torchrun_data_parallel_on_cpu(tmp_path):
+def test_torchrun_data_parallel_on_cpu_and_classes_spread_over_ranks(tmp_path, parts):
+    """Two torchrun-like CPU processes (gloo): a benchmark root's classes spread over the ranks, then one class
+    trained data-parallel for 2 steps and resumed to 4."""
+    root = tmp_path / "mvtec"
+    for name in ("a1", "b2", "c3"):
+        make_mvtec_tree(root, name=name)
     run = tmp_path / "run"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    for steps, resume in ((2, []), (4, ["--resume"])):
-        argv = ["train", *tiny_flags(data="synthetic", ckpt_every=2), "--max-steps", str(steps), "--device", "cpu",
-                "--out", str(run), *resume]
-        torch.multiprocessing.spawn(ddp_worker, args=(2, port + steps, argv, str(tmp_path / "rank")), nprocs=2)
-        r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    jobs = [["train", "--data", str(root), "--max-steps", "1", "--device", "cpu"] + tiny_flags(img_size=64, holdout=0)]
+    jobs += [["train", *tiny_flags(data=str(parts), holdout=0, ckpt_every=2), "--max-steps", str(steps), "--device",
+              "cpu", "--out", str(run), *resume] for steps, resume in ((2, []), (4, ["--resume"]))]
+    torch.multiprocessing.spawn(torchrun_worker, args=(2, port, jobs, str(tmp_path / "rank"), str(tmp_path)), nprocs=2)
+    for name in ("a1", "b2", "c3"):  # the benchmark: every class trained once, by one of the ranks
+        m = json.loads((tmp_path / "runs/mvtec" / name / "metrics.json").read_text())
+        assert m["steps"] == 1 and m["config"]["data"] == str(root / name)
+    rows = (tmp_path / "runs/mvtec/table.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows] == ["Class", "a1", "b2", "c3", "mean"]  # the last one wrote it all
+    for k in (1, 2):  # data-parallel, then resumed
+        r0, r1 = (torch.load(tmp_path / f"rank{r}_{k}.pt", weights_only=False) for r in (0, 1))
         assert r0["seen"] and not set(r0["seen"]) & set(r1["seen"])  # each rank its own items
-        assert all(torch.equal(r0["weights"][k], r1["weights"][k]) for k in r0["weights"])  # weights agree
+        assert all(torch.equal(r0["weights"][n], r1["weights"][n]) for n in r0["weights"])  # weights agree
         assert not [p for p in r1["written"] if str(run) in p]  # rank 1 writes nothing in the run folder
         assert any(p.endswith("ckpt.pt") for p in r0["written"]) and any(p.endswith("log.csv") for p in r0["written"])
     ck = torch.load(run / "ckpt.pt", weights_only=True)
@@ -714,7 +730,7 @@ def test_compiled_training_step_and_inference_match_eager(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, **{**kw, "backend": "aot_eager"}))
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    cfg, opts = tiny(eval_batch=4)
+    cfg, opts = tiny(eval_batch=4, num_res_blocks=1)  # fewer layers to trace, every kind of layer kept
     x0, mask = fixed_batch()
     models = []
     for compiled in (False, True):
@@ -739,41 +755,29 @@ def test_compiled_training_step_and_inference_match_eager(monkeypatch):
     assert "0 graph breaks" in runs.compile_report()
 
 
-def benchmark_worker(rank, world, argv, cwd):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
-    os.chdir(cwd)
-    torch.set_num_threads(1)
-    D.main(argv)
+def run_script(name, *args, capsys):
+    """A docs/ script run as `python docs/NAME ARGS` would, in this process (no second interpreter to start)."""
+    capsys.readouterr()
+    argv = sys.argv
+    sys.argv = [str(ROOT / "docs" / name), *args]
+    try:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    finally:
+        sys.argv = argv
+    return capsys.readouterr().out
 
 
-def test_torchrun_spreads_the_classes_of_a_benchmark(tmp_path):
-    root = tmp_path / "mvtec"
-    for name in ("a1", "b2", "c3"):
-        make_mvtec_tree(root, name=name)
-    argv = ["train", "--data", str(root), "--max-steps", "1", "--device", "cpu"] + tiny_flags(img_size=64)
-    torch.multiprocessing.spawn(benchmark_worker, args=(2, argv, str(tmp_path)), nprocs=2)
-    for name in ("a1", "b2", "c3"):
-        m = json.loads((tmp_path / "runs/mvtec" / name / "metrics.json").read_text())
-        assert m["steps"] == 1 and m["config"]["data"] == str(root / name)
-    rows = (tmp_path / "runs/mvtec/table.csv").read_text().splitlines()
-    assert [r.split(",")[0] for r in rows] == ["Class", "a1", "b2", "c3", "mean"]  # the last one wrote it all
-
-
-def test_diagnostic_scripts_run_on_a_trained_model(tmp_path):
+def test_diagnostic_scripts_run_on_a_trained_model(tmp_path, capsys):
     run = D.train(*tiny(data="synthetic", img_size=64, crop=32, attn_resolutions="", max_steps=2, out=str(tmp_path / "r")))
     ckpt = str(run / "ckpt.pt")
-    out = subprocess.run([sys.executable, str(ROOT / "docs" / "train_check.py"), ckpt, "--n", "3"],
-                         capture_output=True, text=True, check=True).stdout
+    out = run_script("train_check.py", ckpt, "--n", "3", capsys=capsys)
     assert "3 training images, whole: mean score" in out and "32-px crops" in out
     assert out.count("mean(x0_hat - x0) per channel") == 2  # t = 100 and 200
-    out = subprocess.run([sys.executable, str(ROOT / "docs" / "bn_gap.py"), ckpt, "--batches", "2"],
-                         capture_output=True, text=True, check=True).stdout
+    out = run_script("bn_gap.py", ckpt, "--batches", "2", capsys=capsys)
     assert "first BatchNorm running var" in out and out.count("pixel AUROC") == 3
-    out = subprocess.run([sys.executable, str(ROOT / "docs" / "resize_check.py"), ckpt, "--n", "3", "--native", "128"],
-                         capture_output=True, text=True, check=True).stdout
+    out = run_script("resize_check.py", ckpt, "--n", "3", "--native", "128", capsys=capsys)
     assert "drawn at the training size" in out and "drawn at 128 px, resized" in out and out.count("PRO") == 2
-    out = subprocess.run([sys.executable, str(ROOT / "docs" / "restoration_check.py"), ckpt, "--t", "100,300"],
-                         capture_output=True, text=True, check=True).stdout
+    out = run_script("restoration_check.py", ckpt, "--t", "100,300", capsys=capsys)
     assert out.count("defect pixels |x0_hat - x0|") == 2 and "(30 anomalous images)" in out
 
 

@@ -1,18 +1,13 @@
-"""DiffusionAD in one file: anomaly detection as noise-to-norm.
+"""DiffusionAD in one file: anomaly detection as noise-to-norm (Zhang et al., arXiv 2303.08730, 2023).
 
-Zhang et al., "DiffusionAD: Norm-guided One-step Denoising Diffusion for Anomaly Detection" (arXiv 2303.08730,
-2023). A query image x0 is corrupted with Gaussian noise (Eq. 2), a denoising UNet predicts the noise and a
-flawless approximation x0_hat is restored in ONE step (Eq. 5); a segmentation UNet compares cat(x0, x0_hat) and
-outputs a pixel-wise anomaly map. Training (Alg. 1) uses normal images plus synthetic anomalies (data.py, Sec.
-3.3); inference (Alg. 2) averages the maps at t = 100 and t = 200 and scores an image by the mean of its top-50
-map values.
+A query image x0 is corrupted with Gaussian noise (Eq. 2), a denoising UNet predicts the noise and restores a
+flawless approximation x0_hat in ONE step (Eq. 5); a segmentation UNet compares cat(x0, x0_hat) and outputs a
+pixel-wise anomaly map. Training (Alg. 1) uses normal images plus synthetic anomalies (data.py, Sec. 3.3);
+inference (Alg. 2) averages the maps at t = 100 and 200 and scores an image by the mean of its top-50 values.
 
-Top to bottom, in the paper's order: Config -> linear beta schedule (Eq. 1-2) -> denoising UNet -> segmentation
-UNet -> DiffusionAD (Eq. 2, 5-8, Alg. 1's losses, Alg. 2) -> Alg. 1 as a training loop -> Alg. 2 over a test
-split -> the `train` and `eval` verbs. The model section (Config to build_model) uses torch alone: copy it out.
-Beside this file: ablations.py (Table 3's variants), authors.py (the authors' checkpoints), runs.py (run plumbing
-and our recipe options), data.py (layouts, the synthesizer), metrics.py, tools.py (predict, export, bench,
-table). Differences from the paper and the authors' code: README.md, "Deviations".
+In the paper's order: Config -> linear schedule (Eq. 1-2) -> denoising UNet -> segmentation UNet -> DiffusionAD
+(Eq. 2, 5-8, Alg. 1, Alg. 2) -> the training loop -> Alg. 2 over a test split -> the `train` and `eval` verbs.
+The model section (Config to build_model) uses torch alone: copy it out. Deviations: README.md.
 """
 import math
 import sys
@@ -50,12 +45,11 @@ class Config:
     dropout: float = arg(0.0, "denoiser dropout (authors' code)")
     seg_channels: int = arg(64, "segmentation net base width (DRAEM's discriminative net, the authors' code)")
     gamma: float = arg(5.0, "focal-loss weight in L_mask (Eq. 7, Sec. 4.2)")
-    batch_size: int = arg(6, "images per step: 3 normal + 3 synthetic, each from another normal image (Sec. 4.2)")
+    batch_size: int = arg(6, "images per step: 3 normal + 3 synthetic (Sec. 4.2)")
     lr: float = arg(1e-4, "Adam learning rate, one optimizer over both networks (Sec. 4.2)")
     epochs: int = arg(500, "training epochs, each normal image once per epoch as normal or synthetic (Sec. 4.2)")
     foreground: str = arg("auto", "where anomalies are synthesized: auto|mask|object|texture|none (Sec. 3.3, data.py)")
-    texture_dir: str = arg("", "anomaly source images, DTD (Sec. 3.3): textures use them alone, objects half the time "
-                           "(authors' code); empty = self-augmentation only")
+    texture_dir: str = arg("", "anomaly source images such as DTD (Sec. 3.3; data.py); empty = self-augmentation only")
     eval_t: str = arg("100,200", "inference time steps whose maps are averaged (Sec. 4.2, Table 4)")
     top_k: int = arg(50, "image score = mean of the top-K map values (Sec. 3.4)")
     seed: int = arg(0, "seed of the weights, batches, training noise and inference noise")
@@ -68,9 +62,8 @@ def ints(text):
 # ----------------------------------------------------------------------------- linear schedule (Eq. 1-2)
 
 def make_schedule(cfg):
-    """sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t) for t = 0..T-1, alpha_bar_t = prod_{i=0}^{t} (1 - beta_i), as the
-    paper writes it and the authors' code indexes it (t = 0 is one step of noise; the network receives this t).
-    In float64, stored as float32 (T,)."""
+    """sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t) (T,) for t = 0..T-1, alpha_bar_t = prod_{i=0}^{t} (1 - beta_i) as the
+    paper writes it and the authors' code indexes it (t = 0 is one step of noise); float64, stored as float32."""
     betas = torch.linspace(cfg.beta_start, cfg.beta_end, cfg.timesteps, dtype=torch.float64)  # Eq. (1)
     alphas_bar = torch.cumprod(1.0 - betas, 0)  # Eq. (2)
     return alphas_bar.sqrt().float(), (1.0 - alphas_bar).sqrt().float()
@@ -82,8 +75,7 @@ def extract(a, t):
 
 
 # ----------------------------------------------------------------------------- denoiser eps_theta(x_t, t)
-# The authors' UNetModel (guided diffusion's UNet as AnoDDPM uses it), module for module: state_dict keys and
-# shapes are theirs, so their checkpoints load as they are (import-authors).
+# The authors' UNetModel module for module: its state_dict keys and shapes are theirs (import-authors loads them).
 
 def channel_mult(cfg):
     if cfg.channel_mult:
@@ -253,7 +245,6 @@ class SegmentationUNet(nn.Module):
         return self.out(x)
 
 
-
 # ----------------------------------------------------------------------------- the method: Eq. 2, 5-8, Alg. 1, Alg. 2
 
 def focal_loss(logits, target, alpha=0.5, focusing=4.0):
@@ -360,7 +351,7 @@ def train(cfg, opts, resume=False, cls=DiffusionAD):
     run folder, data, device, resuming, compile and torchrun, the loss log, checkpoints, Ctrl-C, --max-minutes."""
     with runs.Run(cfg, opts, resume, Config) as run:
         torch.manual_seed(cfg.seed)  # weights (and dropout)
-        model = run.place(trained_model(cfg, run.state, cls=cls))
+        model = run.place(runs.one_line(build_model, cfg, run.state, cls=cls))  # weights when resuming
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=run.device.type == "cuda")  # both nets, Sec. 4.2
         step, losses = run.start(model, opt)  # step > 0 when resuming; losses: the model, compiled/parallel if asked
         T = opts.train_t or cfg.timesteps  # the paper: t ~ U{0..T-1}; --train-t narrows it (runs.RunOptions)
@@ -391,9 +382,8 @@ def train(cfg, opts, resume=False, cls=DiffusionAD):
 # ----------------------------------------------------------------------------- Alg. 2 over many images
 
 def inference_noise(seed, n_steps, size, device="cpu"):
-    """Alg. 2's noise: one draw eps_k ~ N(0, I) of shape (3, size, size) per time step, from the seed on the
-    CPU generator, the same for every image on every device: an image's score does not depend on the batch
-    it is in, and an exported program can hold the noise. (K, 3, size, size)."""
+    """Alg. 2's noise (K,3,S,S): one draw per time step from the seed, the same for every image on every device
+    (a score does not depend on its batch; an exported program holds the noise)."""
     return torch.randn((n_steps, 3, size, size), generator=torch.Generator().manual_seed(seed)).to(device)
 
 
@@ -403,9 +393,8 @@ def uses_time_steps(model):
 
 
 def batched_maps(model, x0, ts, noise):
-    """model.anomaly_maps with the K time steps as one batch of K*B images: one pass per network instead of K
-    (the speed path of run_inference and export; equal to the loop, tests). A variant that overrides
-    anomaly_maps (one pass, no time steps) runs its own."""
+    """model.anomaly_maps with the K time steps as one batch of K*B images, one pass per network (the speed path
+    of run_inference and export; equal to the loop, tests). A variant without time steps runs its own."""
     if not uses_time_steps(model):
         return model.anomaly_maps(x0, ts, noise)
     B, K = x0.shape[0], len(ts)  # shape[0], not len(): torch.export keeps the batch size symbolic
@@ -416,9 +405,8 @@ def batched_maps(model, x0, ts, noise):
 
 
 def run_inference(model, images, cfg, opts, device, keep_restorations=False, what="images"):
-    """Alg. 2 over images (N,3,H,W) in [0, 1] at cfg.eval_t, in batches of opts.eval_batch (the last one padded,
-    so every batch has one shape), all time steps batched. Returns maps (N,H,W) and scores (N,) as numpy, the
-    squared error of each restoration (N,K), and the restorations at the first t (N,3,H,W) if asked."""
+    """Alg. 2 over images (N,3,H,W) in batches of opts.eval_batch (the last one padded: one shape). Returns maps
+    (N,H,W), scores (N,), each restoration's squared error (N,K), and those at the first t (N,3,H,W) if asked."""
     ts, B, N = ints(cfg.eval_t), opts.eval_batch, len(images)
     eps = inference_noise(cfg.seed, len(ts), images.shape[-1], device)  # (K,3,H,W): the same for every image
     fmt = runs.memory_format(opts, device, inference=True)
@@ -468,22 +456,14 @@ def evaluate(model, cfg, opts, test, device, name, threshold=None, maps_dir=None
 
 # ----------------------------------------------------------------------------- the command line
 
-def trained_model(cfg, state, device="cpu", cls=DiffusionAD):
-    try:
-        return build_model(cfg, state, device, cls)
-    except ValueError as e:
-        raise SystemExit(str(e))
-
-
 def evaluate_cmd(a, model_class):
-    """eval: Alg. 2 on a run's test split (or --data / --test); writes RUN/eval_*.json, never metrics.json.
-    model_class(opts): DiffusionAD, or the Table 3 variant the run was trained as."""
+    """eval: Alg. 2 on a run's test split (or --data / --test); model_class(opts): the run's class."""
     path, state, cfg, opts = runs.open_run(a, Config, channel_mult)
     cls = model_class(opts)
     out, maps_dir = runs.eval_output(a, opts, cfg, path)
     test = runs.open_test(a, opts, cfg.img_size)
     device = runs.pick_device(opts)
-    model = trained_model(cfg, state, device, cls).eval()
+    model = runs.one_line(build_model, cfg, state, device, cls).eval()
     threshold, source = runs.stored_threshold(state, cfg, path)
     print(f"evaluating {path} (step {state['step']})" + ("" if threshold else f"; no verdicts: {source}"))
     res = evaluate(model, cfg, opts, test, device, a.test or a.data or opts.test or opts.data, threshold,
@@ -493,8 +473,7 @@ def evaluate_cmd(a, model_class):
 
 
 def main(argv=None):
-    """train and eval are here; predict, export, bench, table (tools.py) and import-authors (authors.py) beside,
-    with Table 3's variants (ablations.py): the modules that import this one, imported here alone."""
+    """train, eval; predict, export, bench, table (tools.py), import-authors (authors.py), imported here alone."""
     import ablations
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:

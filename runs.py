@@ -208,6 +208,15 @@ def check(cfg, opts, channel_mult):
 
 # ----------------------------------------------------------------------------- devices and speed paths
 
+def one_line(fn, *args, **kwargs):
+    """fn(*args, **kwargs), with a ValueError (weights that do not fit the settings, a size without default
+    multipliers) turned into one line for the user."""
+    try:
+        return fn(*args, **kwargs)
+    except ValueError as e:
+        raise SystemExit(str(e))
+
+
 def pick_device(opts):
     """auto: CUDA when present (cuda:LOCAL_RANK under torchrun), else the CPU. --amp needs native bf16."""
     local = int(os.environ.get("LOCAL_RANK", 0))

@@ -40,10 +40,7 @@ def main(a):
 def load(a):
     """(path, state, cfg, opts, model) of the run that eval/predict/export arguments name."""
     path, state, cfg, opts = runs.open_run(a, D.Config, D.channel_mult)
-    try:
-        return path, state, cfg, opts, ablations.build_model(cfg, opts, state).eval()
-    except ValueError as e:
-        raise SystemExit(str(e))
+    return path, state, cfg, opts, runs.one_line(ablations.build_model, cfg, opts, state).eval()
 
 
 # ----------------------------------------------------------------------------- predict

@@ -831,10 +831,10 @@ class TrainSet(Dataset):
         if not synthetic:
             item = self.normal[int(i)]
             return {"image": item["image"], "mask": torch.zeros_like(item["image"][:1]), "source": item["image"],
-                    "path": item["path"]}
+                    "label": 0, "path": item["path"]}
         p = self.sample(i, epoch)
         return {"image": _chw(p["synthetic"]), "mask": torch.from_numpy(p["mask"][None].copy()),
-                "source": _chw(p["image"]), "path": p["path"]}
+                "source": _chw(p["image"]), "label": 1, "path": p["path"]}
 
 
 # ----------------------------------------------------------------------------- training batches
@@ -863,6 +863,20 @@ def run_batches(n_items, per_batch, seed, start, total, rank=0, world=1):
         if batches is None or k == 0:
             batches = epoch_batches(n_items, per_batch * world, seed, epoch)
         yield step_keys(batches[k][rank * per_batch:(rank + 1) * per_batch], epoch)
+
+
+def independent_batches(n_items, per_batch, seed, start, total, rank=0, world=1):
+    """The authors' batches (their train.py: a shuffled loader, each sample made synthetic with probability 1/2):
+    every epoch's permutation cut into global batches of per_batch * world images, each image of the epoch normal
+    or synthetic (made from itself) by a coin drawn from (seed, epoch); rank r takes the r-th part."""
+    steps_per_epoch = n_items // (per_batch * world)
+    batches = None
+    for step in range(start, total):
+        epoch, k = divmod(step, steps_per_epoch)
+        if batches is None or k == 0:
+            batches = epoch_batches(n_items, per_batch * world, seed, epoch)
+            coins = torch.rand(n_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch + 50_001)) < 0.5
+        yield [(epoch, i, bool(coins[i])) for i in batches[k][rank * per_batch:(rank + 1) * per_batch]]
 
 
 def random_crops(x0, mask, side, generator, *also):

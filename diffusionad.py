@@ -332,7 +332,7 @@ def build_model(cfg, state=None, device="cpu", cls=DiffusionAD):
     given; ValueError when they do not fit."""
     if state is not None and cls is DiffusionAD and state.get("config", {}).get("ablation", "none") != "none":
         raise ValueError(f"a checkpoint of Table 3's --ablation {state['config']['ablation']}: build it with "
-                         "ablations.build_model")
+                         "tools.build_model")
     model = cls(cfg)
     for name in ("denoiser", "seg"):
         net = getattr(model, name)
@@ -388,7 +388,7 @@ def inference_noise(seed, n_steps, size, device="cpu"):
 
 
 def uses_time_steps(model):
-    """False for a variant that overrides anomaly_maps with one pass and no time steps (ablations.py)."""
+    """False for a variant whose anomaly_maps is one pass without time steps (ablations.py, authors.py)."""
     return type(model).anomaly_maps is DiffusionAD.anomaly_maps
 
 
@@ -447,7 +447,7 @@ def evaluate(model, cfg, opts, test, device, name, threshold=None, maps_dir=None
         runs.add_reliance(res, model, images, masks, labels, known, opts, device)
     if model.denoiser is not None:  # PSNR of the restorations (a variant without time steps: its reconstruction)
         res["restoration_psnr_good"] = runs.psnr(mse, labels, ints(cfg.eval_t) if uses_time_steps(model) else
-                                                 ("reconstruction",))
+                                                 ("restoration",))
     runs.report(res, items, scores, threshold, cfg, opts, device)
     if maps_dir is not None:
         runs.save_panels(maps_dir, items, images, restored, maps, ints(cfg.eval_t)[0])
@@ -456,15 +456,14 @@ def evaluate(model, cfg, opts, test, device, name, threshold=None, maps_dir=None
 
 # ----------------------------------------------------------------------------- the command line
 
-def evaluate_cmd(a, model_class):
-    """eval: Alg. 2 on a run's test split (or --data / --test); model_class(opts): the run's class."""
+def evaluate_cmd(a, build):
+    """eval: Alg. 2 on a run's test split (or --data / --test); build(cfg, opts, state, device): the run's model."""
     path, state, cfg, opts = runs.open_run(a, Config, channel_mult)
-    cls = model_class(opts)
     out, maps_dir = runs.eval_output(a, opts, cfg, path)
     test = runs.open_test(a, opts, cfg.img_size)
     device = runs.pick_device(opts)
-    model = runs.one_line(build_model, cfg, state, device, cls).eval()
-    threshold, source = runs.stored_threshold(state, cfg, path)
+    model = runs.one_line(build, cfg, opts, state, device).eval()
+    threshold, source = runs.stored_threshold(state, cfg, opts, path)
     print(f"evaluating {path} (step {state['step']})" + ("" if threshold else f"; no verdicts: {source}"))
     res = evaluate(model, cfg, opts, test, device, a.test or a.data or opts.test or opts.data, threshold,
                    maps_dir if a.save_maps else None)
@@ -473,25 +472,24 @@ def evaluate_cmd(a, model_class):
 
 
 def main(argv=None):
-    """train, eval; predict, export, bench, table (tools.py), import-authors (authors.py), imported here alone."""
-    import ablations
+    """train, eval; predict, export, bench, table (tools.py), import-authors and --variant authors (authors.py)."""
+    import authors  # the modules beside this one import it: imported here alone, to dispatch a verb
+    import tools
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:
-        import tools
         return tools.bench(argv[1:])
     a = runs.parser(Config, __doc__.split("\n\n")[0]).parse_args(argv)
     if runs.torchrun_env()[1] > 1 and a.cmd != "train":
         raise SystemExit(f"{a.cmd} runs in one process: start it without torchrun")
     if a.cmd == "train":
         cfg, opts = runs.check(*runs.options_from(a, Config), channel_mult)
-        runs.launch(cfg, opts, a.resume, lambda cfg, opts, resume: train(cfg, opts, resume, ablations.model_class(opts)))
+        paper = lambda cfg, opts, resume: train(cfg, opts, resume, tools.model_class(opts))
+        runs.launch(cfg, opts, a.resume, authors.train if opts.variant == "authors" else paper)
     elif a.cmd == "eval":
-        evaluate_cmd(a, ablations.model_class)
+        evaluate_cmd(a, tools.build_model)
     elif a.cmd == "import-authors":
-        import authors
         authors.import_cmd(a)
     else:
-        import tools
         tools.main(a)
 
 

@@ -37,8 +37,8 @@ def opt(default, help):
 
 @dataclass
 class Recipe:
-    """Our recipe options, apart from the paper's Config: each default is the paper's behaviour, and each is
-    measured in docs/RESULTS.md (the CPU preset and the DeepPCB and DAGM recipes use them). Every field is a flag."""
+    """Options apart from the paper's Config: our recipe knobs (each default is the paper's behaviour, each measured
+    in docs/RESULTS.md) and the authors' released variant with its settings (args1.json). Every field is a flag."""
     ablation: str = opt("none", "Table 3's variants (ablations.py): none (DiffusionAD) | seg-only (SegmentationAD) | ae "
                         "(DRAEM+: DRAEM's autoencoder, L2 + SSIM) | denoise-only (DenoisingAD)")
     max_steps: int = opt(0, "if > 0, train this many steps instead of --epochs (CPU budgets)")
@@ -51,6 +51,14 @@ class Recipe:
                              "each) | small (PCB-sized spots and strokes) (data.py)")
     anomaly_fill: str = opt("blend", "synthetic anomaly content: blend (Eq. 9, paper) | invert (1 - N inside the mask: "
                             "the other material of a binarised image such as a PCB scan)")
+    variant: str = opt("paper", "which DiffusionAD: paper (Alg. 1 and 2) | authors (their released, norm-guided code, "
+                       "authors.py: batch 16, 3000 epochs and eval-t 200,400 unless given)")
+    guide_t: int = opt(300, "--variant authors: the normal t ~ U{0..guide_t-1}, the noisier t ~ U{guide_t..T-1} "
+                       "(their less_t_range)")
+    condition_w: float = opt(1.0, "--variant authors: the guidance weight (their condition_w)")
+    seg_lr: float = opt(1e-5, "--variant authors: the segmentation net's Adam rate (their seg_lr), on a cosine wave "
+                        "of period 2 * seg_lr_period steps (their CosineAnnealingLR, stepped every iteration)")
+    seg_lr_period: int = opt(10, "--variant authors: T_max of that CosineAnnealingLR")
 
 
 @dataclass
@@ -92,6 +100,8 @@ FREE = ("epochs", "max_steps", "eval_t", "top_k")
 CPU_PRESET = dict(img_size=64, base_channels=16, num_res_blocks=1, channel_mult="1,2,4", attn_resolutions="16",
                   seg_channels=16, max_steps=900, lr=5e-4, lr_schedule="cosine", eval_batch=16, workers=0,
                   train_t=300)
+# The authors' released variant: their args1.json where it differs from the paper's defaults (flags given win).
+AUTHORS_PRESET = dict(batch_size=16, epochs=3000, eval_t="200,400")
 # The checkpoint format: 3 = L_noise over every image of a batch (Eq. 6). 2 (L_noise over the normal half) has the
 # same networks: its runs are evaluated, not resumed. 1 (our own networks, 1-based t) cannot be run by this code.
 VERSION = 3
@@ -99,6 +109,7 @@ VERSION = 3
 # value is refused.
 REMOVED = {"pixel_range": "0,1", "clamp": "-1,1", "beta_schedule": "linear", "seg_grad": "full", "denoiser_warmup": 0}
 CHOICES = {"ablation": ("none", "seg-only", "ae", "denoise-only"), "lr_schedule": ("constant", "cosine"),
+           "variant": ("paper", "authors"),
            "anomaly_shape": data.SHAPES, "anomaly_fill": data.FILLS}
 
 
@@ -143,6 +154,8 @@ def options_from(a, config_cls):
     if preset and given.get("img_size", 64) != 64:  # the same 16-px bottom level at any size: attention stays cheap
         preset["channel_mult"] = {128: "1,2,2,4", 256: "1,2,2,4,4", 512: "1,2,2,4,4,4"}.get(given["img_size"], "")
         preset["eval_batch"] = 4  # at 256 px a batch of 16 ran at half the speed of 4, with 1.6x the memory
+    if given.get("variant") == "authors":
+        preset.update(AUTHORS_PRESET)
     values = {**preset, **given}
     return split(values, config_cls)
 
@@ -185,8 +198,18 @@ def check(cfg, opts, channel_mult):
     for name, allowed in CHOICES.items():
         if both[name] not in allowed:
             problems.append(f"{flag(name)} must be one of {', '.join(allowed)}, got {both[name]!r}")
-    if cfg.batch_size < 2 or cfg.batch_size % 2:
+    if opts.variant == "paper" and (cfg.batch_size < 2 or cfg.batch_size % 2):
         problems.append(f"--batch-size must be even (half normal, half synthetic), got {cfg.batch_size}")
+    if opts.variant == "authors":
+        if not 0 < opts.guide_t < cfg.timesteps:
+            problems.append(f"--guide-t must be in [1, {cfg.timesteps - 1}], got {opts.guide_t}")
+        if len(ints(cfg.eval_t)) != 2:
+            problems.append(f"--variant authors evaluates with one guided restoration: --eval-t NORMAL,NOISIER (theirs: "
+                            f"200,400), got {cfg.eval_t!r}")
+        if opts.ablation != "none":
+            problems.append(f"--variant authors trains both networks: drop --ablation {opts.ablation}")
+        if not (opts.seg_lr > 0 and opts.seg_lr_period >= 1):
+            problems.append(f"need --seg-lr > 0 and --seg-lr-period >= 1, got {opts.seg_lr}, {opts.seg_lr_period}")
     if cfg.img_size % 32 or cfg.img_size % 2 ** (levels - 1):
         problems.append(f"--img-size {cfg.img_size} must be divisible by 32 and by 2^(levels-1) of --channel-mult")
     heads = ("--num-head-channels", cfg.num_head_channels) if cfg.num_head_channels > 0 else ("--num-heads", cfg.num_heads)
@@ -376,6 +399,8 @@ def open_run(a, config_cls, channel_mult):
     command's device and speed flags)."""
     path = Path(a.ckpt) if a.ckpt else (Path(a.run) / "ckpt.pt" if getattr(a, "run", None) else latest_run())
     state, cfg, opts = load_checkpoint(path, config_cls)
+    if getattr(a, "alg2", False) and opts.variant != "paper":  # the paper's Alg. 2 (at its time steps unless given)
+        opts, cfg = replace(opts, variant="paper"), replace(cfg, eval_t=config_cls().eval_t)
     cfg = replace(cfg, eval_t=getattr(a, "eval_t", None) or cfg.eval_t)
     opts = replace(opts, device=a.device, amp=a.amp, compile=a.compile, eval_batch=a.eval_batch or opts.eval_batch,
                    log_every=a.log_every or opts.log_every)
@@ -534,6 +559,7 @@ class Run:
         normal, self.held_out = training_split(opts, splits["train"])
         self.trainset = make_trainset(cfg, opts, normal)
         self.per_batch = cfg.batch_size  # distinct normal images per rank and step: half as they are, half synthetic
+        self.sampler = data.independent_batches if opts.variant == "authors" else data.run_batches
         self.steps_per_epoch = len(self.trainset) // (self.per_batch * self.world)
         if self.steps_per_epoch == 0:
             raise SystemExit(f"{opts.data}: {len(self.trainset)} training images, fewer than one step's "
@@ -605,8 +631,8 @@ class Run:
         workers = self.opts.workers if self.opts.workers >= 0 else (min(8, (os.cpu_count() or 2) - 1) if cuda else 0)
         loader = torch.utils.data.DataLoader(
             self.trainset, num_workers=workers, pin_memory=cuda, worker_init_fn=ignore_sigint,
-            batch_sampler=data.run_batches(len(self.trainset), self.per_batch, self.cfg.seed, step, self.total,
-                                           self.rank, self.world), prefetch_factor=4 if workers else None)
+            batch_sampler=self.sampler(len(self.trainset), self.per_batch, self.cfg.seed, step, self.total,
+                                       self.rank, self.world), prefetch_factor=4 if workers else None)
         if self.rank == 0:
             n_params = sum(p.numel() for p in self.model.parameters())
             held = f", {len(self.held_out)} held out for the threshold" if self.held_out is not None else ""
@@ -629,8 +655,9 @@ class Run:
         side, g = self.opts.crop or self.cfg.img_size, torch.Generator().manual_seed(0)
         x0, mask, probe = torch.rand(2, 3, side, side, generator=g), torch.zeros(2, 1, side, side), copy.deepcopy(self.model)
         t0 = time.time()
-        probe(x0, mask, torch.tensor([0, 1]), torch.randn_like(x0), x0)["total"].backward()  # 2 images, scaled below
-        seconds = (time.time() - t0) * self.cfg.batch_size / 2
+        probe.train_loss(x0, mask, torch.tensor([0, 1]), torch.randn_like(x0))["total"].backward()  # 2 images
+        passes = 2 if self.opts.variant == "authors" else 1  # the variant runs the denoiser twice per image
+        seconds = (time.time() - t0) * self.cfg.batch_size / 2 * passes
         del probe
         print(f"note: a {n_params / 1e6:.0f}M-parameter model on a CPU: one step takes about {seconds:.0f} s, so "
               f"{self.total - self.step} steps would take about {fmt_time(seconds * (self.total - self.step))}. "
@@ -736,7 +763,7 @@ class Run:
         if self.held_out is None:
             return None
         images = torch.stack([self.held_out[i]["image"] for i in range(len(self.held_out))])
-        threshold = threshold_summary(scores_of(images), self.opts.threshold_quantile, self.cfg)
+        threshold = threshold_summary(scores_of(images), self.opts.threshold_quantile, self.cfg, self.opts)
         self.checkpoint(self.ckpt_path, threshold)
         return threshold
 
@@ -817,12 +844,12 @@ def write_table(folder):
 
 # ----------------------------------------------------------------------------- what eval, predict and export write
 
-def threshold_summary(scores, quantile, cfg):
-    """The decision threshold (the quantile of held-out normal images' scores, at cfg's Alg. 2 settings) and
-    those scores' summary."""
+def threshold_summary(scores, quantile, cfg, opts):
+    """The decision threshold (the quantile of held-out normal images' scores, at cfg's inference settings and
+    opts.variant's algorithm) and those scores' summary."""
     s = np.asarray(scores, np.float64)
     t = {"value": float(np.quantile(s, quantile)), "quantile": quantile, "n_held_out": int(len(s)),
-         "eval_t": cfg.eval_t, "top_k": cfg.top_k,
+         "eval_t": cfg.eval_t, "top_k": cfg.top_k, "variant": opts.variant,
          "held_out_scores": {k: round(float(f(s)), 6) for k, f in
                              (("min", np.min), ("median", np.median), ("mean", np.mean), ("max", np.max))}}
     print(f"threshold {t['value']:.6f}: the {quantile} quantile of the scores of {len(s)} held-out normal images "
@@ -830,17 +857,18 @@ def threshold_summary(scores, quantile, cfg):
     return t
 
 
-def stored_threshold(state, cfg, path, override=None):
+def stored_threshold(state, cfg, opts, path, override=None):
     """(threshold or None, where it comes from): --threshold, else the checkpoint's when it was set with the
-    same Alg. 2 settings (time steps, top-K) as this command's."""
+    same inference (algorithm, time steps, top-K) as this command's."""
     t = state.get("threshold")
     if override is not None:
         return override, "--threshold"
     if t is None:
         return None, f"{path} stores none (trained with --holdout 0 or by an earlier version); pass --threshold X"
-    if (t["eval_t"], t["top_k"]) != (cfg.eval_t, cfg.top_k):
-        return None, (f"{path}'s threshold was set at t = {t['eval_t']}, top-{t['top_k']}, not at this command's "
-                      f"t = {cfg.eval_t}, top-{cfg.top_k}; pass --threshold X")
+    theirs, ours = (t.get("variant", "paper"), t["eval_t"], t["top_k"]), (opts.variant, cfg.eval_t, cfg.top_k)
+    if theirs != ours:
+        return None, (f"{path}'s threshold was set with the {theirs[0]} inference at t = {theirs[1]}, top-{theirs[2]}, "
+                      f"not this command's {ours[0]} inference at t = {ours[1]}, top-{ours[2]}; pass --threshold X")
     return t, f"the {t['quantile']} quantile of {t['n_held_out']} held-out normal images' scores"
 
 
@@ -963,11 +991,11 @@ def save_panels(folder, items, images, restored, maps, t):
 
 
 def eval_output(a, opts, cfg, path):
-    """Where an evaluation writes: RUN/eval_<checkpoint>_<data>_t<t>[_amp].json, or --json; never a
+    """Where an evaluation writes: RUN/eval_<checkpoint>_<data>_t<t>[_alg2][_amp].json, or --json; never a
     run's own metrics.json, never an existing file given with --json. Also the folder name for its panels."""
     data_name = Path((a.test or a.data or opts.test or opts.data).rstrip("/")).name
     parts = ["eval", path.stem, data_name, "t" + cfg.eval_t.replace(",", "+")]
-    parts += ["amp"] if a.amp else []
+    parts += [p for p, on in (("alg2", getattr(a, "alg2", False)), ("amp", a.amp)) if on]
     name = "_".join(parts)
     out = Path(a.json) if a.json else path.parent / f"{name}.json"
     if out.name == "metrics.json" or (a.json and out.exists()):
@@ -1031,3 +1059,5 @@ def run_flags(p, default):
     p.add_argument("--amp", action="store_true", help="bf16 autocast (GPUs; CPUs with native bf16)")
     p.add_argument("--compile", action="store_true", help="torch.compile Alg. 2 (CUDA graphs on a GPU)")
     p.add_argument("--log-every", type=float, help="seconds between progress lines")
+    p.add_argument("--alg2", action="store_true", help="a run of the authors' variant (trained or imported): the "
+                   "paper's Alg. 2 instead of their guided evaluation (at t = 100,200 unless --eval-t)")

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 import ablations
+import authors
 import data
 import diffusionad as D
 import runs
@@ -37,10 +38,20 @@ def main(a):
         print(runs.write_table(a.folder))
 
 
+def model_class(opts):
+    """The class of a run: DiffusionAD, a Table 3 variant (ablations.py), or the authors' variant (authors.py)."""
+    return authors.NormGuided if opts.variant == "authors" else ablations.model_class(opts)
+
+
+def build_model(cfg, opts, state=None, device="cpu"):
+    """The model of any run (its class, and the authors' variant's guidance weight); ValueError if it does not fit."""
+    return (authors.build_model if opts.variant == "authors" else ablations.build_model)(cfg, opts, state, device)
+
+
 def load(a):
     """(path, state, cfg, opts, model) of the run that eval/predict/export arguments name."""
     path, state, cfg, opts = runs.open_run(a, D.Config, D.channel_mult)
-    return path, state, cfg, opts, runs.one_line(ablations.build_model, cfg, opts, state).eval()
+    return path, state, cfg, opts, runs.one_line(build_model, cfg, opts, state).eval()
 
 
 # ----------------------------------------------------------------------------- predict
@@ -53,7 +64,7 @@ def predict_cmd(a):
     path, state, cfg, opts, model = load(a)
     device = runs.pick_device(opts)
     model.to(device)
-    threshold, source = runs.stored_threshold(state, cfg, path, a.threshold)
+    threshold, source = runs.stored_threshold(state, cfg, opts, path, a.threshold)
     threshold = threshold["value"] if isinstance(threshold, dict) else threshold
     predict(a, path, files, lambda x: D.run_inference(model, x, cfg, opts, device)[:2], cfg.img_size, threshold, source)
 
@@ -136,7 +147,7 @@ def export_cmd(a):
     program = Alg2Program(model, cfg).eval().requires_grad_(False)
     example = torch.rand(2, 3, cfg.img_size, cfg.img_size)
     exported = torch.export.export(program, (example,), dynamic_shapes=({0: torch.export.Dim("batch", max=4096)},))
-    threshold, source = runs.stored_threshold(state, cfg, path)
+    threshold, source = runs.stored_threshold(state, cfg, opts, path)
     export_files(a.out, exported, {
         "checkpoint": str(path), "threshold": None if threshold is None else threshold["value"],
         "threshold_rule": threshold or source, "img_size": cfg.img_size,
@@ -186,7 +197,7 @@ def timed(fn, device, repeats=1):
 def bench_training(cfg, opts, device, train_size, train_steps, mem):
     tcfg = replace(cfg, img_size=train_size)
     runs.check(tcfg, opts, D.channel_mult)
-    cls = ablations.model_class(opts)
+    cls = model_class(opts)
     B = tcfg.batch_size
     x0 = torch.rand(B, 3, train_size, train_size, device=device)
     mask = (torch.rand(B, 1, train_size, train_size, device=device) > 0.9).float()
@@ -237,7 +248,7 @@ def bench_training(cfg, opts, device, train_size, train_steps, mem):
 
 
 def bench_inference(cfg, opts, device, n_images, mem):
-    model, ts = ablations.build_model(cfg, opts, device=device).eval(), D.ints(cfg.eval_t)
+    model, ts = build_model(cfg, opts, device=device).eval(), D.ints(cfg.eval_t)
     images = torch.rand(n_images, 3, cfg.img_size, cfg.img_size)
     noise = torch.randn(n_images, len(ts), 3, cfg.img_size, cfg.img_size, device=device)
 

@@ -83,14 +83,56 @@ def their_alg1(unet, seg, ddpm, focal, x0, mask, t, eps):
     return {"noise": noise, "mask": mask_loss, "total": noise + mask_loss}
 
 
-def compare_alg1(unet, seg, ddpm, focal, model, size):
-    """Our train_loss against theirs on pinned_inputs: the largest loss difference and the largest relative
-    gradient difference of any parameter (their names)."""
-    x0, mask, t, eps = pinned_inputs(size)
+def pinned_variant_inputs(size, batch=6):
+    """pinned_inputs and the variant's second draws (the same code is in tests/test_authors.py): is_normal, the
+    normal and noisier t, their noises."""
+    x0, mask, _, _ = pinned_inputs(size, batch)
+    g = torch.Generator().manual_seed(2)
+    t_normal, t_noisier = torch.randint(0, 300, (batch,), generator=g), torch.randint(300, 1000, (batch,), generator=g)
+    return (x0, mask, mask.flatten(1).amax(1) == 0, t_normal, t_noisier, torch.randn(x0.shape, generator=g),
+            torch.randn(x0.shape, generator=g))
+
+
+def their_guided(unet, ddpm, x0, t_normal, t_noisier, eps_normal, eps_noisier, w):
+    """Their norm_guided_one_step_denoising_eval's guided estimate, with our noises (calc_loss draws normal first)."""
+    noises = iter([eps_normal, eps_noisier])
+    ddpm.noise_fn = lambda x, t: next(noises)
+    return ddpm.norm_guided_one_step_denoising_eval(unet, x0, t_normal, t_noisier, {"condition_w": w})[1]
+
+
+def their_variant(unet, seg, ddpm, focal, x0, mask, is_normal, t_normal, t_noisier, eps_normal, eps_noisier, w):
+    """Their train.py step: norm_guided_one_step_denoising (its t and noise draws replaced by ours), the seg net on
+    cat(x0, guided x0_hat), total = noise + 5 focal + SmoothL1."""
+    noises, ts, randint = iter([eps_normal, eps_noisier]), iter([t_normal, t_noisier]), torch.randint
+    ddpm.noise_fn = lambda x, t: next(noises)
+    torch.randint = lambda *a, **k: next(ts)
+    try:
+        noise, x0_hat = ddpm.norm_guided_one_step_denoising(unet, x0, (~is_normal).float(),
+                                                            {"less_t_range": 300, "condition_w": w})[:2]
+    finally:
+        torch.randint = randint
+    pred = seg(torch.cat([x0, x0_hat], 1))
+    mask_loss = 5 * focal(pred, mask) + torch.nn.SmoothL1Loss()(pred, mask)
+    return {"noise": noise, "mask": mask_loss, "total": noise + mask_loss}
+
+
+def their_eval_maps(unet, seg, ddpm, images, noise, ts, w):
+    """Their eval.py's maps, image by image (their test loader's batch of 1), with Alg. 2's fixed noise."""
+    out = []
+    for x in images.split(1):
+        t_normal, t_noisier = (torch.full((1,), t) for t in ts)
+        x0_hat = their_guided(unet, ddpm, x, t_normal, t_noisier, noise[0:1], noise[1:2], w)
+        out.append(seg(torch.cat([x, x0_hat], 1))[:, 0])
+    return torch.cat(out)
+
+
+def compare_losses(theirs_fn, ours_fn, unet, seg, model):
+    """Both training steps from zero gradients, training mode: their losses, the largest loss difference, the
+    parameter with the largest relative gradient difference (their names) and that difference."""
     unet.train(), seg.train(), model.train()
     for net in (unet, seg, model):
         net.zero_grad()
-    theirs, ours = their_alg1(unet, seg, ddpm, focal, x0, mask, t, eps), model.train_loss(x0, mask, t, eps)
+    theirs, ours = theirs_fn(), ours_fn()
     theirs["total"].backward()
     ours["total"].backward()
     loss_diff = max(abs(theirs[k].item() - ours[k].item()) for k in ("noise", "mask", "total"))
@@ -182,11 +224,33 @@ def main():
     for k, v in worst.items():
         print(f"  {k:<18} {v:.2e}")
     ok = max(worst.values()) <= 1e-4
-    _, loss_diff, name, rel = compare_alg1(unet, seg, ddpm, focal, model, a.size)
+    v, w = pinned_variant_inputs(a.size), 1.0  # x0, mask, is_normal, t_normal, t_noisier, eps_normal, eps_noisier
+    unet.eval(), seg.eval(), model.eval()  # before the training-mode steps below move the BatchNorm statistics
+    with torch.no_grad():
+        restored = (their_guided(unet, ddpm, v[0], *v[3:], w) - authors.guided_restore(model, v[0], *v[3:], w))
+        imported = authors.build_model(cfg, runs.RunOptions(variant="authors", condition_w=w), state).eval()
+        noise = D.inference_noise(cfg.seed, 2, a.size)
+        ours_maps = D.run_inference(imported, v[0], D.Config(**{**vars(cfg), "eval_t": "200,400"}),
+                                    runs.RunOptions(variant="authors", eval_batch=4, log_every=1e9), torch.device("cpu"))[0]
+        theirs_maps = their_eval_maps(unet, seg, ddpm, v[0], noise, (200, 400), w)
+    diff_restore, diff_maps = restored.abs().max().item(), (torch.from_numpy(ours_maps) - theirs_maps).abs().max().item()
+    print(f"guided restoration (eval mode): max |ours - theirs| {diff_restore:.2e}; the maps of an imported run's "
+          f"eval against their eval.py's (t = 200, 400, the same noise, 6 images): {diff_maps:.2e}")
+    ok = ok and diff_restore <= 1e-5 and diff_maps <= 1e-5
+    x0, mask, t, eps = pinned_inputs(a.size)
+    _, loss_diff, name, rel = compare_losses(lambda: their_alg1(unet, seg, ddpm, focal, x0, mask, t, eps),
+                                             lambda: model.train_loss(x0, mask, t, eps), unet, seg, model)
     print(f"Alg. 1 on 3 normal + 3 synthetic images, training mode: max |loss ours - theirs| {loss_diff:.2e} "
           f"(noise, mask, total); largest relative gradient difference {rel:.2e} ({name})")
     ok = ok and loss_diff <= 1e-6 and rel <= 2e-2
-    print("PASS: outputs <= 1e-4, losses <= 1e-6, gradients <= 2e-2 relative" if ok else "FAIL")
+    _, loss_diff, name, rel = compare_losses(lambda: their_variant(unet, seg, ddpm, focal, *v, w),
+                                             lambda: authors.variant_train_loss(model, *v, w), unet, seg, model)
+    print(f"their training step (norm-guided), training mode: max |loss ours - theirs| {loss_diff:.2e}; largest "
+          f"relative gradient difference {rel:.2e} ({name})")
+    ok = ok and loss_diff <= 1e-6 and rel <= 2e-2
+
+    print("PASS: outputs <= 1e-4, losses <= 1e-6, gradients <= 2e-2 relative, guided restoration and maps <= 1e-5"
+          if ok else "FAIL")
     sys.exit(0 if ok else 1)
 
 
@@ -201,10 +265,21 @@ def pin(a, UNetModel, SegmentationSubNetwork, GaussianDiffusionModel, get_beta_s
                                  base_channels=ckpt["seg_model_state_dict"]["encoder_segment.block1.0.weight"].shape[0])
     seg.load_state_dict(ckpt["seg_model_state_dict"])
     ddpm = GaussianDiffusionModel(args["img_size"], get_beta_schedule(1000, "linear"), img_channels=3)
-    x0, mask, t, eps = pinned_inputs(args["img_size"][0])
+    size = args["img_size"][0]
+    v = pinned_variant_inputs(size)
+    unet.eval(), seg.eval()  # first: the training-mode steps below move the BatchNorm statistics
+    with torch.no_grad():
+        x0_hat = their_guided(unet, ddpm, v[0], *v[3:], 1.0)
+        maps = their_eval_maps(unet, seg, ddpm, v[0], D.inference_noise(0, 2, size), (200, 400), 1.0)
+    pins = {"guided": {"sum": x0_hat.double().sum().item(), "abs_sum": x0_hat.double().abs().sum().item(),
+                       "first": x0_hat.flatten()[:4].tolist()},
+            "eval_maps": {"sum": maps.double().sum().item(), "scores": maps.flatten(1).topk(50, 1).values.mean(1).tolist()}}
+    x0, mask, t, eps = pinned_inputs(size)
     unet.train(), seg.train()
-    losses = their_alg1(unet, seg, ddpm, focal, x0, mask, t, eps)
-    print(json.dumps({"alg1": {k: v.item() for k, v in losses.items()}}, indent=1))
+    pins["alg1"] = {k: v.item() for k, v in their_alg1(unet, seg, ddpm, focal, x0, mask, t, eps).items()}
+    seg.load_state_dict(ckpt["seg_model_state_dict"])  # each step from the checkpoint's statistics
+    pins["variant"] = {k: x.item() for k, x in their_variant(unet, seg, ddpm, focal, *v, 1.0).items()}
+    print(json.dumps(pins, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 """The authors' networks and checkpoints: state_dict names, shapes and parameter counts against facts recorded
 from their released modules (tests/authors_state_dicts.json; no code of theirs is needed), and import-authors
 end to end: a checkpoint in their train.py's format imports strictly, evaluates, predicts and exports."""
-import argparse
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -90,6 +89,8 @@ def test_an_authors_checkpoint_imports_strictly_and_runs_every_command(tmp_path,
             "--threshold-from", str(cls / "test" / "good"), "--eval-batch", "4"])
     out = capsys.readouterr().out
     assert "importing" in out and "32 px, base 32, multipliers 1,2,3,4, T = 1000" in out
+    assert "evaluated as their eval.py (guided, t = 200,400, w = 1.0) unless eval --alg2" in out
+    assert "note: params-best.pt is the epoch their train.py chose on the test split" in out
     state, cfg, opts = runs.load_checkpoint(run / "ckpt.pt", D.Config)  # the documented way to the model
     model = D.build_model(cfg, state).eval()
     assert (cfg.img_size, cfg.base_channels, cfg.num_heads) == (32, 32, 4)
@@ -103,17 +104,20 @@ def test_an_authors_checkpoint_imports_strictly_and_runs_every_command(tmp_path,
     m = json.loads((run / "metrics.json").read_text())  # evaluated on the class's test split at import
     assert m["n_test_good"] == 3 and m["n_test_anomalous"] == 3 and m["imported"].endswith("params-best.pt")
     assert state["threshold"]["n_held_out"] == 3 and state["imported"]["n_epoch"] == 3000
-    D.main(["eval", "--run", str(run)])  # the recorded data
-    assert (run / "eval_ckpt_toy_t100+200.json").is_file()
+    D.main(["eval", "--run", str(run)])  # the recorded data, their guided evaluation
+    D.main(["eval", "--run", str(run), "--alg2"])  # the paper's Alg. 2, at its t = 100, 200
+    guided, alg2 = (json.loads((run / f"eval_ckpt_toy_{n}.json").read_text()) for n in ("t200+400", "t100+200_alg2"))
+    assert guided["image_auroc"] == m["image_auroc"] and alg2["config"]["variant"] == "paper"
+    assert guided["flagged"]["threshold"] == state["threshold"]["value"] and "flagged" not in alg2  # its inference's
+    capsys.readouterr()
     D.main(["predict", "--run", str(run), str(cls / "test" / "hole"), "--csv", str(tmp_path / "p.csv")])
     assert "of 3 images flagged as anomalous" in capsys.readouterr().out
-    # export's module (torch.export of it, for any run folder: tests/test_own_images.py) on the imported model
-    program = tools.Alg2Program(tools.load(argparse.Namespace(ckpt=None, run=str(run), eval_t=None, eval_batch=None,
-                                                             device="cpu", amp=False, compile=False, log_every=None))[4], cfg)
+    predicted = [float(r.split(",")[1]) for r in (tmp_path / "p.csv").read_text().splitlines()[1:]]
+    # export's module on the imported model: the guided inference (torch.export of a variant run: test_own_images)
+    program = tools.Alg2Program(tools.build_model(cfg, opts, state).eval(), cfg)
     images = torch.stack([D.data.load_image(p, 32) for p in sorted((cls / "test" / "hole").iterdir())])
-    scores = D.run_inference(model, images, cfg, opts, torch.device("cpu"))[1]
     with torch.no_grad():
-        assert np.allclose(program(images)[1].numpy(), scores, atol=1e-4)
+        assert np.allclose(program(images)[1].numpy(), predicted, atol=1e-4)
     bench = tmp_path / "bench"  # a benchmark folder of imported classes: the table reads it
     bench.mkdir()
     run.rename(bench / "toy")
@@ -130,24 +134,52 @@ def pinned_inputs(size, batch=6):
     return x0, mask, torch.randint(0, 1000, (batch,), generator=g), torch.randn(x0.shape, generator=g)
 
 
-# The paper's Alg. 1 composed from the authors' functions (calc_loss, predict_x_0_from_eps, clamp (-1, 1), their seg
-# net, train.py's BinaryFocalLoss and SmoothL1Loss), L_noise over every image, on authors_checkpoint(seed 0) in
-# training mode: `python docs/authors_check.py --authors A --pin PARAMS.pt` with their code (never needed here).
-PINNED_ALG1 = {"noise": 0.9934352040290833, "mask": 0.22819361090660095, "total": 1.2216287851333618}
+def pinned_variant_inputs(size, batch=6):
+    """docs/authors_check.py's pinned_variant_inputs: is_normal, the normal and noisier t, their noises."""
+    x0, mask, _, _ = pinned_inputs(size, batch)
+    g = torch.Generator().manual_seed(2)
+    t_normal, t_noisier = torch.randint(0, 300, (batch,), generator=g), torch.randint(300, 1000, (batch,), generator=g)
+    return (x0, mask, mask.flatten(1).amax(1) == 0, t_normal, t_noisier, torch.randn(x0.shape, generator=g),
+            torch.randn(x0.shape, generator=g))
 
 
-def test_train_loss_is_alg1_composed_from_the_authors_functions(tmp_path):
+# Their values on authors_checkpoint(seed 0), `python docs/authors_check.py --authors A --pin PARAMS.pt` with their
+# code (never needed here): the paper's Alg. 1 composed from their functions (calc_loss, predict_x_0_from_eps, clamp
+# (-1, 1), their seg net, train.py's BinaryFocalLoss and SmoothL1Loss) with L_noise over every image; their released
+# training step (norm_guided_one_step_denoising, same losses); their guided estimate
+# (norm_guided_one_step_denoising_eval); their eval.py's maps at t = 200, 400 with Alg. 2's fixed noise of seed 0.
+PINNED = {"alg1": {"noise": 0.9934352040290833, "mask": 0.22819361090660095, "total": 1.2216287851333618},
+          "variant": {"noise": 1.988249659538269, "mask": 0.22821736335754395, "total": 2.2164669036865234},
+          "guided": {"sum": 6443.987309571356, "abs_sum": 9148.072135555558,
+                     "first": [0.8607391715049744, -0.12558244168758392, 0.20983381569385529, 0.8889399170875549]},
+          "eval_maps": {"sum": 3049.225845068693, "scores": [0.496785044670105, 0.49678507447242737, 0.496785044670105,
+                                                             0.49678507447242737, 0.49678507447242737, 0.496785044670105]}}
+
+
+def test_alg1_and_the_authors_variant_equal_their_functions_on_pinned_values(tmp_path):
     authors_checkpoint(tmp_path / "p.pt")
     D.main(["import-authors", str(tmp_path / "p.pt"), "--out", str(tmp_path / "r")])
-    state, cfg, opts = runs.load_checkpoint(tmp_path / "r" / "ckpt.pt", D.Config)
-    model = D.build_model(cfg, state).train()  # BatchNorm over the batch, as their train.py
-    x0, mask, t, eps = pinned_inputs(cfg.img_size)
-    out = model.train_loss(x0, mask, t, eps)
-    for k, v in PINNED_ALG1.items():
-        assert abs(out[k].item() - v) < 1e-6, (k, out[k].item(), v)
-    with torch.no_grad():  # over the normal half alone (the authors' later code), L_noise would be another number
+    state, cfg, opts = runs.load_checkpoint(tmp_path / "r" / "ckpt.pt", D.Config)  # the documented way
+    assert (opts.variant, cfg.eval_t, opts.condition_w, opts.guide_t) == ("authors", "200,400", 1.0, 300)  # args1.json
+    fresh = lambda: D.build_model(cfg, state)
+    v = pinned_variant_inputs(cfg.img_size)  # x0, mask, is_normal, t_normal, t_noisier, eps_normal, eps_noisier
+    with torch.no_grad():  # their guided estimate, and their eval.py's maps through our eval of the imported run
+        x0_hat = authors.guided_restore(fresh().eval(), v[0], *v[3:], 1.0).double()
+        maps = D.run_inference(tools.build_model(cfg, opts, state), v[0], cfg, opts, torch.device("cpu"))[0]
+    assert abs(x0_hat.sum().item() - PINNED["guided"]["sum"]) < 1e-2
+    assert abs(x0_hat.abs().sum().item() - PINNED["guided"]["abs_sum"]) < 1e-2
+    assert np.allclose(x0_hat.flatten()[:4].numpy(), PINNED["guided"]["first"], atol=1e-5)
+    assert abs(maps.astype(np.float64).sum() - PINNED["eval_maps"]["sum"]) < 1e-2
+    assert np.allclose(np.sort(maps.reshape(6, -1), 1)[:, -50:].mean(1), PINNED["eval_maps"]["scores"], atol=1e-5)
+    x0, mask, t, eps = pinned_inputs(cfg.img_size)  # training mode (BatchNorm over the batch), as their train.py
+    for name, out in (("alg1", fresh().train().train_loss(x0, mask, t, eps)),
+                      ("variant", authors.variant_train_loss(fresh().train(), *v, 1.0))):
+        for k, value in PINNED[name].items():
+            assert abs(out[k].item() - value) < 1e-6, (name, k, out[k].item(), value)
+    with torch.no_grad():  # over the normal half alone (the authors' later code), Alg. 1's L_noise would differ
+        model = fresh()
         half = (model.denoiser(model.q_sample(x0, t, eps), t) - eps)[:3].square().mean().item()
-    assert abs(half - PINNED_ALG1["noise"]) > 1e-3
+    assert abs(half - PINNED["alg1"]["noise"]) > 1e-3
 
 
 def test_an_imported_run_without_data_and_bad_files_are_one_clear_line(tmp_path):

@@ -436,7 +436,7 @@ def test_trainset_items_and_determinism():
     normal = data.open_dataset("synthetic", "train", 32)
     ts = data.TrainSet(normal, seed=3)
     it, plain = ts[5], ts[(0, 5, False)]
-    assert set(it) == set(plain) == {"image", "mask", "source", "path"}
+    assert set(it) == set(plain) == {"image", "mask", "source", "label", "path"}
     assert it["image"].shape == it["source"].shape == (3, 32, 32) and it["mask"].shape == (1, 32, 32)
     assert torch.equal(it["source"], normal[5]["image"]) and it["mask"].sum() > 0  # made from image 5
     assert not torch.equal(it["image"], normal[5]["image"])

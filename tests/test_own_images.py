@@ -14,6 +14,7 @@ from PIL import Image
 import data
 import diffusionad as D
 import runs
+import tools
 
 FLAGS = ["--img-size", "32", "--base-channels", "16", "--channel-mult", "1,2", "--attn-resolutions", "16",
          "--seg-channels", "4", "--workers", "0", "--eval-batch", "4", "--log-every", "1000", "--max-steps", "2"]
@@ -119,16 +120,18 @@ def test_a_labelled_test_folder_with_and_without_masks(tmp_path, capsys, masks):
 
 
 def test_the_threshold_rule_on_a_toy_case():
-    cfg = D.Config(eval_t="100,200", top_k=50)
-    t = runs.threshold_summary(np.arange(1, 11) / 10, 0.9, cfg)  # 0.1 ... 1.0
+    cfg, opts = D.Config(eval_t="100,200", top_k=50), runs.RunOptions()
+    t = runs.threshold_summary(np.arange(1, 11) / 10, 0.9, cfg, opts)  # 0.1 ... 1.0
     assert t["value"] == pytest.approx(0.91) and t["n_held_out"] == 10  # numpy's linear interpolation
     assert t["held_out_scores"] == {"min": 0.1, "median": 0.55, "mean": 0.55, "max": 1.0}
     state = {"threshold": t}
-    assert runs.stored_threshold(state, cfg, "ck")[0] is t
-    assert runs.stored_threshold(state, cfg, "ck", 0.3) == (0.3, "--threshold")
-    value, why = runs.stored_threshold(state, D.Config(eval_t="200,400"), "ck")
-    assert value is None and "set at t = 100,200" in why  # a threshold belongs to its Alg. 2 settings
-    assert runs.stored_threshold({}, cfg, "ck")[0] is None
+    assert runs.stored_threshold(state, cfg, opts, "ck")[0] is t
+    assert runs.stored_threshold(state, cfg, opts, "ck", 0.3) == (0.3, "--threshold")
+    value, why = runs.stored_threshold(state, D.Config(eval_t="200,400"), opts, "ck")
+    assert value is None and "paper inference at t = 100,200" in why  # a threshold belongs to its inference
+    value, why = runs.stored_threshold(state, cfg, runs.RunOptions(variant="authors"), "ck")
+    assert value is None and "not this command's authors inference" in why
+    assert runs.stored_threshold({}, cfg, opts, "ck")[0] is None
 
 
 def trained_folder_run(tmp_path, holdout="0.25"):
@@ -137,8 +140,14 @@ def trained_folder_run(tmp_path, holdout="0.25"):
     return tmp_path / "run"
 
 
-def test_predict_decides_by_the_checkpoints_threshold(tmp_path, capsys):
-    run = trained_folder_run(tmp_path)
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory):
+    """A run on a plain folder that holds out a quarter of it for the threshold (shared: predict and export)."""
+    return trained_folder_run(tmp_path_factory.mktemp("folder"))
+
+
+def test_predict_decides_by_the_checkpoints_threshold(folder_run, tmp_path, capsys):
+    run = folder_run
     inputs = labelled(tmp_path / "new")
     threshold = torch.load(run / "ckpt.pt", weights_only=True)["threshold"]["value"]
     capsys.readouterr()
@@ -177,8 +186,8 @@ print(json.dumps({"scores": scores.tolist(), "maps": list(maps.shape), "ours": o
 """
 
 
-def test_export_runs_in_a_fresh_process_and_equals_predict(tmp_path):
-    run = trained_folder_run(tmp_path)
+def test_export_runs_in_a_fresh_process_and_equals_predict(folder_run, tmp_path):
+    run = folder_run
     inputs = labelled(tmp_path / "new")
     files = sorted(str(p) for d in ("good", "spot", "dent") for p in (inputs / d).iterdir())  # 9: not a batch multiple
     D.main(["predict", "--run", str(run), *files, "--csv", str(tmp_path / "p.csv")])
@@ -195,6 +204,29 @@ def test_export_runs_in_a_fresh_process_and_equals_predict(tmp_path):
     assert got["ours"] == [] and got["maps"] == [9, 32, 32]  # torch alone; any batch size
     assert got["threshold"] == torch.load(run / "ckpt.pt", weights_only=True)["threshold"]["value"]
     assert np.allclose(got["scores"], [predicted[f] for f in files], atol=1e-4)
+
+
+def test_a_run_of_the_authors_variant_evaluates_predicts_and_exports_alike(tmp_path):
+    """train --variant authors on a plain folder (their batches, two denoiser passes, their guided inference): the
+    stored threshold, predict's scores and the exported program's agree."""
+    folder, inputs = plain_folder(tmp_path / "parts"), labelled(tmp_path / "new")
+    run = tmp_path / "run"
+    D.main(["train", "--variant", "authors", "--batch-size", "4", "--data", str(folder), "--out", str(run),
+            "--holdout", "0.25"] + FLAGS)
+    ck = torch.load(run / "ckpt.pt", weights_only=True)
+    assert ck["config"]["variant"] == "authors" and ck["config"]["eval_t"] == "200,400"  # args1.json's
+    assert ck["threshold"]["variant"] == "authors" and len(ck["optimizer"]["param_groups"]) == 2  # their two Adams
+    files = sorted(str(p) for d in ("good", "spot") for p in (inputs / d).iterdir())
+    D.main(["predict", "--run", str(run), *files, "--csv", str(tmp_path / "p.csv")])
+    rows = [r.split(",") for r in (tmp_path / "p.csv").read_text().splitlines()[1:]]
+    assert all(r[2] == str(int(float(r[1]) >= ck["threshold"]["value"])) for r in rows)  # the stored threshold
+    state, cfg, opts = runs.load_checkpoint(run / "ckpt.pt", D.Config)  # export's program (its file: the test above)
+    program = tools.Alg2Program(tools.build_model(cfg, opts, state).eval(), cfg).eval().requires_grad_(False)
+    exported = torch.export.export(program, (torch.rand(2, 3, 32, 32),),
+                                   dynamic_shapes=({0: torch.export.Dim("batch", max=4096)},)).module()
+    with torch.no_grad():
+        scores = exported(torch.stack([data.load_image(f, 32) for f in files]))[1].numpy()  # another batch size
+    assert np.allclose(scores, [float(r[1]) for r in rows], atol=1e-4)
 
 
 def test_a_cpu_user_of_a_large_model_is_told_before_the_first_step(tmp_path, capsys, monkeypatch):

@@ -81,6 +81,8 @@ class RunOptions(Recipe):
     device: str = opt("auto", "auto (CUDA when present; cuda:LOCAL_RANK under torchrun) | cpu | cuda | cuda:N")
     amp: bool = opt(False, "bf16 autocast (GPUs; CPUs only with native bf16: AMX or AVX512-BF16)")
     compile: bool = opt(False, "torch.compile both networks (training) and Alg. 2 (inference; CUDA graphs on a GPU)")
+    checkpointing: bool = opt(False, "activation checkpointing of the denoiser's stages in training: their activations "
+                              "are recomputed in the backward pass instead of kept (less memory, more time)")
     workers: int = opt(-1, "DataLoader worker processes for the synthesizer; -1 = auto (GPU: min(8, cores - 1), CPU: 0)")
     eval_batch: int = opt(8, "test images per inference batch")
     max_minutes: float = opt(0.0, "if > 0, end training after this many minutes (resumed runs included) with a "
@@ -272,6 +274,19 @@ def autocast(opts, device):
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def checkpoint_stages(net):
+    """Activation checkpointing (torch.utils.checkpoint, non-reentrant) of each stage of a DenoisingUNet (its down,
+    middle and up steps) while training with gradients; the forward is replaced in place, state_dict keys stay."""
+    from torch.utils.checkpoint import checkpoint
+    stages = [*net.down, net.middle, *net.up] if hasattr(net, "middle") else []
+    for stage in stages:
+        plain = stage.forward
+        stage.forward = functools.partial(
+            lambda plain, x, emb: checkpoint(plain, x, emb, use_reentrant=False)
+            if torch.is_grad_enabled() and net.training else plain(x, emb), plain)
+    return len(stages)
 
 
 def compile_networks(model):
@@ -601,6 +616,8 @@ class Run:
             self.step, self.seconds0 = self.state["step"], self.state.get("seconds", 0.0)
             self.saved_step = self.step
             print(f"resuming {self.folder} at step {self.step}/{self.total}")
+        if self.opts.checkpointing and model.denoiser is not None:
+            checkpoint_stages(model.denoiser)
         if self.opts.compile:
             compile_networks(model)
         fwd = model

@@ -199,6 +199,14 @@ def test_an_imported_run_without_data_and_bad_files_are_one_clear_line(tmp_path)
         D.main(["import-authors", str(tmp_path / "ours.pt"), "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="no file at"):
         D.main(["import-authors", str(tmp_path / "none.pt"), "--out", str(tmp_path / "n")])
+    unet, seg = authors_checkpoint(tmp_path / "ok.pt")  # their keys, values of the wrong type: one line each
+    for name, ckpt, message in (("args.pt", {"args": "img_size=256"}, "its args are a str, not the dict of settings"),
+                                ("seg.pt", {"seg_model_state_dict": list(seg.values())},
+                                 "its seg_model_state_dict is a list, not a state dict of tensors")):
+        torch.save({"n_epoch": 1, "unet_model_state_dict": unet, "seg_model_state_dict": seg, "args": {}, **ckpt},
+                   tmp_path / name)
+        with pytest.raises(SystemExit, match=message):
+            D.main(["import-authors", str(tmp_path / name), "--out", str(tmp_path / "bad")])
     authors_checkpoint(tmp_path / "wide.pt", args={**FACTS["small"]["args"], "img_size": [32, 64]})
     with pytest.raises(SystemExit, match=r"its args cannot be mapped.*\[32, 64\]: only square images"):
         D.main(["import-authors", str(tmp_path / "wide.pt"), "--out", str(tmp_path / "w")])

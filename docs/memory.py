@@ -1,0 +1,84 @@
+"""Peak memory and time of one training step, per image: the paper's step (Alg. 1, one denoiser pass per image)
+and the authors' variant's (authors.py, two passes), fp32 and bf16 autocast (--amp), with and without activation
+checkpointing of the denoiser's stages (--checkpointing).
+
+    python docs/memory.py [--size 256 --base 128 --batches 1,2]
+
+Each measurement is one fresh process (a process's peak RSS is a high-water mark): the model of Config() at the
+given size and width and Adam are built, then one training step (forward, backward, Adam's first update, which
+allocates its state) on random images; it reports the process's peak RSS and the step's seconds. Per image: the
+difference of the peaks at the two batch sizes; the rest is fixed (weights, gradients, Adam, torch itself). The
+projection to a batch of 16 is fixed + 16 x per image. CPU memory, not GPU memory: the allocators differ, the
+activations they hold are the same tensors. Never used to pick anything.
+"""
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import authors  # noqa: E402
+import diffusionad as D  # noqa: E402
+import runs  # noqa: E402
+
+
+def one_step(size, base, batch, variant, amp, checkpointing):
+    """In this process: one training step; prints {"peak_gib", "seconds"} as JSON."""
+    torch.manual_seed(0)
+    cfg = D.Config(img_size=size, base_channels=base)
+    model = (authors.NormGuided if variant == "authors" else D.DiffusionAD)(cfg).train()
+    if checkpointing:
+        runs.checkpoint_stages(model.denoiser)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    x0, mask = torch.rand(batch, 3, size, size, generator=g), torch.zeros(batch, 1, size, size)
+    mask[batch // 2:, :, size // 4: size // 2, size // 4: size // 2] = 1
+    draw = lambda lo, hi: torch.randint(lo, hi, (batch,), generator=g)
+    t0 = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        if variant == "authors":
+            loss = model(x0, mask, mask.flatten(1).amax(1) == 0, draw(0, 300), draw(300, 1000),
+                         torch.randn(x0.shape, generator=g), torch.randn(x0.shape, generator=g))
+        else:
+            loss = model(x0, mask, draw(0, 1000), torch.randn(x0.shape, generator=g))
+    loss["total"].backward()
+    opt.step()
+    seconds = time.perf_counter() - t0
+    print(json.dumps({"peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, "seconds": seconds}))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--base", type=int, default=128)
+    ap.add_argument("--batches", default="1,2")
+    ap.add_argument("--one", nargs=5, metavar=("BATCH", "VARIANT", "AMP", "CKPT", "_"), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.one:
+        return one_step(a.size, a.base, int(a.one[0]), a.one[1], a.one[2] == "1", a.one[3] == "1")
+    b1, b2 = D.ints(a.batches)
+    print(f"one training step at {a.size} px, base {a.base}, {torch.get_num_threads()} threads; peak RSS of the process")
+    print("| step | precision | activation checkpointing | peak at batch %d (GiB) | at batch %d | per image | fixed "
+          "| batch 16, projected | seconds per image (batch %d) |" % (b1, b2, b2))
+    print("|---|---|---|---|---|---|---|---|---|")
+    for variant in ("paper", "authors"):
+        for amp in (0, 1):
+            for ckpt in (0, 1):
+                res = [json.loads(subprocess.run(
+                    [sys.executable, __file__, "--size", str(a.size), "--base", str(a.base), "--one", str(b), variant,
+                     str(amp), str(ckpt), "-"], capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+                    for b in (b1, b2)]
+                per = (res[1]["peak_gib"] - res[0]["peak_gib"]) / (b2 - b1)
+                fixed = res[0]["peak_gib"] - b1 * per
+                print(f"| {variant} | {'bf16 autocast' if amp else 'fp32'} | {'yes' if ckpt else 'no'} | "
+                      f"{res[0]['peak_gib']:.2f} | {res[1]['peak_gib']:.2f} | {per:.2f} | {fixed:.2f} | "
+                      f"{fixed + 16 * per:.1f} | {res[1]['seconds'] / b2:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

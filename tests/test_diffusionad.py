@@ -667,6 +667,21 @@ def test_benchmark_root_trains_each_class_skips_finished_and_resumes(tmp_path, m
     assert "| mean |" in capsys.readouterr().out
 
 
+def test_activation_checkpointing_gives_the_same_losses_and_gradients():
+    x0, mask = fixed_batch()
+    runs_ = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = D.build_model(tiny_cfg())
+        if checkpointing:
+            assert runs.checkpoint_stages(model.denoiser) == len(model.denoiser.down) + 1 + len(model.denoiser.up)
+        out = model(x0, mask, *draws(x0))
+        out["total"].backward()
+        runs_.append((out["total"].item(), [p.grad.clone() for p in model.parameters()]))
+    (a, ga), (b, gb) = runs_
+    assert a == b and all(torch.allclose(x, y, atol=1e-6) for x, y in zip(ga, gb))
+
+
 def torchrun_worker(rank, world, port, jobs, result, cwd):
     """One torchrun-like rank running each argv of jobs in turn; per job it records the items it draws, what it
     writes, and its final weights."""

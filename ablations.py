@@ -84,7 +84,9 @@ class DRAEMPlus(D.DiffusionAD):
     def forward(self, x0, mask, t, eps, source=None):
         return self.train_loss(x0, mask, t, eps, source)
 
-    def train_loss(self, x0, mask, t, eps, source):
+    def train_loss(self, x0, mask, t, eps, source=None):
+        """source: the anomaly-free images (default: x0 itself, as for normal images)."""
+        source = x0 if source is None else source
         x0_hat = self.restore(x0)
         loss_rec = F.mse_loss(x0_hat, source) + ssim_loss(x0_hat, source)  # DRAEM's reconstruction loss
         loss_mask = D.mask_loss(self.segment(x0, x0_hat), mask, self.cfg.gamma)  # Eq. (7)

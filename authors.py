@@ -51,7 +51,8 @@ def authors_config(args, seg=None):
     head_channels = args.get("num_head_channels", -1)
     first = (seg or {}).get("encoder_segment.block1.0.weight")  # (width, 6, 3, 3)
     return dict(img_size=int(size), base_channels=int(args.get("base_channels", 128)), channel_mult=mult,
-                num_res_blocks=2, attn_resolutions="32,16,8",  # train.py passes neither: UNetModel's defaults
+                num_res_blocks=2, attn_resolutions="32,16,8",  # train.py passes neither (args1.json's
+                # attention_resolutions is not read): UNetModel's defaults; num_heads falls back to UNetModel's 1
                 num_heads=int(args.get("num_heads", 1)), num_head_channels=int(head_channels if head_channels != "" else -1),
                 dropout=float(args.get("dropout", 0) or 0), timesteps=T,
                 beta_start=1e-4 * 1000 / T, beta_end=0.02 * 1000 / T,  # their linear schedule, scaled to T
@@ -101,7 +102,8 @@ def variant_train_loss(model, x0, mask, is_normal, t_normal, t_noisier, eps_norm
     noises of guided_restore. Returns {noise, mask, total}: L_noise = the two per-image MSEs summed, averaged over
     the normal images (0 when there are none); L_mask of the seg net on cat(x0, guided x0_hat) (Eq. 7)."""
     x0_hat, eps_hat_normal, eps_hat_noisier = guided(model, x0, t_normal, t_noisier, eps_normal, eps_noisier, w)
-    per_image = (eps_hat_normal - eps_normal).square().mean((1, 2, 3)) + (eps_hat_noisier - eps_noisier).square().mean((1, 2, 3))
+    mse = lambda a, b: (a - b).square().mean((1, 2, 3))  # per image, as their calc_loss
+    per_image = mse(eps_hat_normal, eps_normal) + mse(eps_hat_noisier, eps_noisier)
     normal = is_normal.to(per_image.dtype)
     loss_noise = (per_image * normal).sum() / normal.sum().clamp_min(1)  # no host sync: 0 without normal images
     loss_mask = D.mask_loss(model.segment(x0, x0_hat), mask, model.cfg.gamma)
@@ -182,7 +184,7 @@ def read_checkpoint(path):
     path = Path(path)
     if not path.is_file():
         raise SystemExit(f"import-authors: no file at {path}")
-    as_dict = lambda factory=None: {}
+    as_dict = lambda factory=None: {}  # their defaultdict(str), rebuilt as a plain dict: weights_only allows it
     try:
         with torch.serialization.safe_globals([(as_dict, "collections.defaultdict"), str]):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)

@@ -30,8 +30,8 @@ def arg(default, help):
 
 @dataclass
 class Config:
-    """The paper's method. Every field is a flag (`img_size` -> `--img-size`); defaults are the paper's, and the
-    authors' released code where the paper is silent. Our recipe options and how a run is done are runs.RunOptions."""
+    """The paper's method. Every field is a flag (`img_size` -> `--img-size`); defaults are the paper's (but beta_T,
+    see its help), the authors' code where the paper is silent. Our options and how a run is done: runs.RunOptions."""
     img_size: int = arg(256, "image side (Sec. 4.2)")
     timesteps: int = arg(1000, "T (Sec. 4.2); time steps t = 0..T-1 (Eq. 2, the authors' code)")
     beta_start: float = arg(1e-4, "beta_1 of the linear schedule (Eq. 1, Sec. 3.1)")
@@ -281,7 +281,7 @@ class DiffusionAD(nn.Module):
 
     def restore(self, x0, t, eps):
         """Noise-to-norm in one step: x0 (B,3,H,W), t (B,), eps (B,3,H,W) -> x0_hat, clamped to (-1, 1) as the
-        authors' predict_x_0_from_eps is."""
+        authors' predict_x_0_from_eps is (on images in [0, 1], a loose bound: it only stops outliers)."""
         x_t = self.q_sample(x0, t, eps)  # corrupt
         return self.predict_x0(x_t, t, self.denoiser(x_t, t)).clamp(-1, 1)  # Eq. (5)
 
@@ -473,7 +473,7 @@ def evaluate_cmd(a, build):
 
 def main(argv=None):
     """train, eval; predict, export, bench, table (tools.py), import-authors and --variant authors (authors.py)."""
-    import authors  # the modules beside this one import it: imported here alone, to dispatch a verb
+    import authors  # authors.py and tools.py import this module: imported here, not at the top, to avoid a cycle
     import tools
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:
@@ -494,5 +494,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.modules.setdefault("diffusionad", sys.modules[__name__])  # `import diffusionad` elsewhere gets this module
-    main()
+    sys.modules.setdefault("diffusionad", sys.modules[__name__])  # `import diffusionad` (tools, authors...) gets
+    main()                                                          # this module, not a second copy of its classes

@@ -202,6 +202,8 @@ def check(cfg, opts, channel_mult):
             problems.append(f"{flag(name)} must be one of {', '.join(allowed)}, got {both[name]!r}")
     if opts.variant == "paper" and (cfg.batch_size < 2 or cfg.batch_size % 2):
         problems.append(f"--batch-size must be even (half normal, half synthetic), got {cfg.batch_size}")
+    if opts.checkpointing and opts.ablation in ("seg-only", "ae"):
+        problems.append(f"--checkpointing applies to the denoising UNet's stages; --ablation {opts.ablation} has none")
     if opts.variant == "authors":
         if not 0 < opts.guide_t < cfg.timesteps:
             problems.append(f"--guide-t must be in [1, {cfg.timesteps - 1}], got {opts.guide_t}")
@@ -311,12 +313,14 @@ def fmt_time(s):
 # ----------------------------------------------------------------------------- run folders and files
 
 def run_folder(opts, ablation, benchmark=False):
-    """--out, or runs/<name>[-<ablation>]: <parent>-<class> for a class folder, <root> for a benchmark root."""
+    """--out, or runs/<name>[-<ablation>][-authors]: <parent>-<class> for a class folder, <root> for a benchmark
+    root; -authors for the authors' variant."""
     if opts.out:
         return Path(opts.out)
     p = Path(opts.data.rstrip("/"))
     name = p.name if benchmark or p.name == "synthetic" or not p.parent.name else f"{p.parent.name}-{p.name}"
-    return Path("runs") / (name + ("" if ablation == "none" else "-" + ablation))
+    return Path("runs") / (name + ("" if ablation == "none" else "-" + ablation)
+                           + ("-authors" if opts.variant == "authors" else ""))
 
 
 def atomic_write(path, content):
@@ -622,8 +626,9 @@ class Run:
             compile_networks(model)
         fwd = model
         if self.world > 1:
-            if model.seg is not None:
-                sync_batch_norm(model.seg)
+            for net in (model.denoiser, model.seg):  # the nets with BatchNorm: the seg net, DRAEM+'s autoencoder
+                if net is not None:
+                    sync_batch_norm(net)
             fwd = nn.parallel.DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda"
                                                       else None)
         self.model, self.opt, self.keys = model, opt, None  # keys: the losses the model returns (at the first step)

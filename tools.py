@@ -214,10 +214,15 @@ def bench_training(cfg, opts, device, train_size, train_steps, mem):
         g = torch.Generator().manual_seed(0)
         t = torch.randint(0, tcfg.timesteps, (B,), generator=g).to(device)
         eps = torch.randn(x.shape, generator=g).to(device)
+        inputs = (x, mask, t, eps, x)  # Alg. 1; the authors' variant: its two time steps and noises
+        if opts.variant == "authors":
+            noisier = opts.guide_t + t % (tcfg.timesteps - opts.guide_t)
+            inputs = (x, mask, mask.flatten(1).amax(1) == 0, t % opts.guide_t, noisier, eps,
+                      torch.randn(x.shape, generator=g).to(device))
 
         def step():
             with runs.autocast(o, device):
-                loss = model(x, mask, t, eps, x)["total"]
+                loss = model(*inputs)["total"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

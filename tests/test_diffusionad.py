@@ -249,6 +249,7 @@ def test_ablations_train_and_infer(ablation):
     x0, mask, clean = fixed_batch(source=True)
     out = model(x0, mask, *draws(x0), clean)
     out["total"].backward()
+    assert torch.isfinite(model.train_loss(x0, mask, *draws(x0))["total"])  # the CPU note's probe calls it so
     assert set(out) == {"seg-only": {"mask", "total"}, "ae": {"rec", "mask", "total"},
                         "denoise-only": {"noise", "total"}}[ablation]
     with torch.inference_mode():

@@ -851,32 +851,35 @@ def step_keys(indices, epoch):
     return [(epoch, i, False) for i in indices[:half]] + [(epoch, i, True) for i in indices[half:]]
 
 
-def run_batches(n_items, per_batch, seed, start, total, rank=0, world=1):
-    """TrainSet keys of this rank's share of every step from `start` to `total`: each epoch's permutation is cut
-    into global batches of per_batch * world images (every normal image once per epoch) and rank r takes the
-    r-th part, half normal, half synthetic (step_keys). One pass feeds the whole run, so DataLoader workers live
-    as long as the run."""
+def epoch_steps(n_items, per_batch, seed, start, total, rank=0, world=1):
+    """(epoch, this rank's item indices) of every step from `start` to `total`: each epoch's permutation cut into
+    global batches of per_batch * world images (every normal image once per epoch), rank r taking the r-th part."""
     steps_per_epoch = n_items // (per_batch * world)
     batches = None
     for step in range(start, total):
         epoch, k = divmod(step, steps_per_epoch)
         if batches is None or k == 0:
             batches = epoch_batches(n_items, per_batch * world, seed, epoch)
-        yield step_keys(batches[k][rank * per_batch:(rank + 1) * per_batch], epoch)
+        yield epoch, batches[k][rank * per_batch:(rank + 1) * per_batch]
+
+
+def run_batches(n_items, per_batch, seed, start, total, rank=0, world=1):
+    """TrainSet keys of this rank's share of every step from `start` to `total` (epoch_steps), half normal, half
+    synthetic (step_keys). One pass feeds the whole run, so DataLoader workers live as long as the run."""
+    for epoch, indices in epoch_steps(n_items, per_batch, seed, start, total, rank, world):
+        yield step_keys(indices, epoch)
 
 
 def independent_batches(n_items, per_batch, seed, start, total, rank=0, world=1):
     """The authors' batches (their train.py: a shuffled loader, each sample made synthetic with probability 1/2):
-    every epoch's permutation cut into global batches of per_batch * world images, each image of the epoch normal
-    or synthetic (made from itself) by a coin drawn from (seed, epoch); rank r takes the r-th part."""
-    steps_per_epoch = n_items // (per_batch * world)
-    batches = None
-    for step in range(start, total):
-        epoch, k = divmod(step, steps_per_epoch)
-        if batches is None or k == 0:
-            batches = epoch_batches(n_items, per_batch * world, seed, epoch)
-            coins = torch.rand(n_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch + 50_001)) < 0.5
-        yield [(epoch, i, bool(coins[i])) for i in batches[k][rank * per_batch:(rank + 1) * per_batch]]
+    the steps of epoch_steps, each image of an epoch normal or synthetic (made from itself) by a coin drawn from
+    (seed, epoch)."""
+    coins = (None, None)
+    for epoch, indices in epoch_steps(n_items, per_batch, seed, start, total, rank, world):
+        if coins[0] != epoch:
+            g = torch.Generator().manual_seed(seed * 100_003 + epoch + 50_001)
+            coins = (epoch, torch.rand(n_items, generator=g) < 0.5)
+        yield [(epoch, i, bool(coins[1][i])) for i in indices]
 
 
 def random_crops(x0, mask, side, generator, *also):

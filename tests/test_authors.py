@@ -2,6 +2,7 @@
 from their released modules (tests/authors_state_dicts.json; no code of theirs is needed), and import-authors
 end to end: a checkpoint in their train.py's format imports strictly, evaluates, predicts and exports."""
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -15,6 +16,9 @@ import diffusionad as D
 import runs
 import tools
 from test_diffusionad import make_mvtec_tree
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "docs"))
+from authors_check import pinned_inputs, pinned_variant_inputs  # noqa: E402  the inputs of the pinned values
 
 FACTS = json.loads((Path(__file__).parent / "authors_state_dicts.json").read_text())
 
@@ -122,25 +126,6 @@ def test_an_authors_checkpoint_imports_strictly_and_runs_every_command(tmp_path,
     bench.mkdir()
     run.rename(bench / "toy")
     assert "| toy |" in runs.write_table(bench)
-
-
-def pinned_inputs(size, batch=6):
-    """docs/authors_check.py's pinned_inputs: 3 normal + 3 synthetic images, their masks, t and eps."""
-    g = torch.Generator().manual_seed(1)
-    x0 = torch.rand(batch, 3, size, size, generator=g)
-    mask = torch.zeros(batch, 1, size, size)
-    mask[batch // 2:, :, size // 4: size // 2, size // 4: size // 2] = 1
-    x0 = torch.where(mask > 0, 1 - x0, x0)
-    return x0, mask, torch.randint(0, 1000, (batch,), generator=g), torch.randn(x0.shape, generator=g)
-
-
-def pinned_variant_inputs(size, batch=6):
-    """docs/authors_check.py's pinned_variant_inputs: is_normal, the normal and noisier t, their noises."""
-    x0, mask, _, _ = pinned_inputs(size, batch)
-    g = torch.Generator().manual_seed(2)
-    t_normal, t_noisier = torch.randint(0, 300, (batch,), generator=g), torch.randint(300, 1000, (batch,), generator=g)
-    return (x0, mask, mask.flatten(1).amax(1) == 0, t_normal, t_noisier, torch.randn(x0.shape, generator=g),
-            torch.randn(x0.shape, generator=g))
 
 
 # Their values on authors_checkpoint(seed 0), `python docs/authors_check.py --authors A --pin PARAMS.pt` with their

@@ -461,6 +461,17 @@ def test_a_step_takes_distinct_images_half_normal_half_synthetic():
     assert not {k[1] for s in ranks[0] for k in s} & {k[1] for s in ranks[1] for k in s}  # 2 steps of 12 images
 
 
+def test_the_authors_batches_are_independent_draws_half_synthetic_and_resumable():
+    keys = list(data.independent_batches(160, 16, seed=0, start=0, total=20))  # 10 steps per epoch
+    for e in (0, 1):  # every image once per epoch, each normal or synthetic by its own coin
+        epoch = [k for step in keys[10 * e: 10 * e + 10] for k in step]
+        assert sorted(k[1] for k in epoch) == list(range(160)) and {k[0] for k in epoch} == {e}
+        assert 50 < sum(k[2] for k in epoch) < 110  # about half synthetic (p = 1/2), not a fixed split per step
+    assert len({tuple(k[2] for k in step) for step in keys}) > 10
+    assert list(data.independent_batches(160, 16, 0, 7, 20)) == keys[7:]  # a resumed run draws the same
+    assert list(data.independent_batches(160, 16, 1, 0, 20)) != keys
+
+
 def test_trainset_same_batches_for_any_number_of_workers():
     ts = data.TrainSet(data.open_dataset("synthetic", "train", 32), seed=1)
     batches = [data.step_keys(b, 2) for b in ([0, 7, 9, 11, 12, 13], [3, 4, 5, 14, 15, 16], [100, 1, 2, 6, 8, 10])]

@@ -128,12 +128,13 @@ def flag(name):
 def add_flags(p, *classes):
     """One flag per dataclass field, with its help and default, in one --help group per class: the paper's Config,
     our Recipe, and how the run is done (RunOptions' own fields)."""
-    recipe = {f.name for f in fields(Recipe)}
+    recipe, theirs = {f.name for f in fields(Recipe)}, {"variant", "guide_t", "condition_w", "seg_lr", "seg_lr_period"}
     for cls in classes:
         groups = [(f"the paper's method ({cls.__name__})", fields(cls))]
         if cls is RunOptions:
-            groups = [("our recipe options (runs.Recipe; the paper's behaviour by default)",
-                       [f for f in fields(cls) if f.name in recipe]),
+            groups = [("our recipe options and Table 3 (runs.Recipe; the paper's behaviour by default)",
+                       [f for f in fields(cls) if f.name in recipe - theirs]),
+                      ("the authors' released version (authors.py)", [f for f in fields(cls) if f.name in theirs]),
                       ("how the run is done (runs.RunOptions)", [f for f in fields(cls) if f.name not in recipe])]
         for title, group in groups:
             g = p.add_argument_group(title)

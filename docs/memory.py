@@ -6,10 +6,13 @@ checkpointing of the denoiser's stages (--checkpointing).
 
 Each measurement is one fresh process (a process's peak RSS is a high-water mark): the model of Config() at the
 given size and width and Adam are built, then one training step (forward, backward, Adam's first update, which
-allocates its state) on random images; it reports the process's peak RSS and the step's seconds. Per image: the
-difference of the peaks at the two batch sizes; the rest is fixed (weights, gradients, Adam, torch itself). The
-projection to a batch of 16 is fixed + 16 x per image. CPU memory, not GPU memory: the allocators differ, the
-activations they hold are the same tensors. Never used to pick anything.
+allocates its state) on random images; it reports the process's peak RSS after the backward pass and after the
+step, and the step's seconds. Per image: the difference of the backward peaks at the two batch sizes (the
+activations); fixed: the rest of that peak (weights, gradients, torch itself). Adam's update then adds its two
+moments and may set the step's peak at small batches (with checkpointing), independent of the batch. The
+projection to a batch of 16 is the larger of fixed + 16 x per image and the smaller batch's step peak. CPU memory,
+not GPU memory: the allocators differ, the activations they hold are the same tensors. Never used to pick
+anything.
 """
 import argparse
 import json
@@ -47,9 +50,11 @@ def one_step(size, base, batch, variant, amp, checkpointing):
         else:
             loss = model(x0, mask, draw(0, 1000), torch.randn(x0.shape, generator=g))
     loss["total"].backward()
+    backward_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     opt.step()
     seconds = time.perf_counter() - t0
-    print(json.dumps({"peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, "seconds": seconds}))
+    print(json.dumps({"peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+                      "backward_gib": backward_gib, "seconds": seconds}))
 
 
 def main():
@@ -63,21 +68,35 @@ def main():
         return one_step(a.size, a.base, int(a.one[0]), a.one[1], a.one[2] == "1", a.one[3] == "1")
     b1, b2 = D.ints(a.batches)
     print(f"one training step at {a.size} px, base {a.base}, {torch.get_num_threads()} threads; peak RSS of the process")
-    print("| step | precision | activation checkpointing | peak at batch %d (GiB) | at batch %d | per image | fixed "
-          "| batch 16, projected | seconds per image (batch %d) |" % (b1, b2, b2))
+    print("| step | precision | activation checkpointing | peak at batch %d (GiB): backward / step | at batch %d "
+          "| per image | fixed | batch 16, projected | seconds per image (batch %d) |" % (b1, b2, b2))
     print("|---|---|---|---|---|---|---|---|---|")
     for variant in ("paper", "authors"):
         for amp in (0, 1):
             for ckpt in (0, 1):
-                res = [json.loads(subprocess.run(
-                    [sys.executable, __file__, "--size", str(a.size), "--base", str(a.base), "--one", str(b), variant,
-                     str(amp), str(ckpt), "-"], capture_output=True, text=True, check=True).stdout.splitlines()[-1])
-                    for b in (b1, b2)]
-                per = (res[1]["peak_gib"] - res[0]["peak_gib"]) / (b2 - b1)
-                fixed = res[0]["peak_gib"] - b1 * per
-                print(f"| {variant} | {'bf16 autocast' if amp else 'fp32'} | {'yes' if ckpt else 'no'} | "
-                      f"{res[0]['peak_gib']:.2f} | {res[1]['peak_gib']:.2f} | {per:.2f} | {fixed:.2f} | "
-                      f"{fixed + 16 * per:.1f} | {res[1]['seconds'] / b2:.1f} |", flush=True)
+                res = [measure(a.size, a.base, b, variant, amp, ckpt) for b in (b1, b2)]
+                head = f"| {variant} | {'bf16 autocast' if amp else 'fp32'} | {'yes' if ckpt else 'no'} | "
+                if isinstance(res[0], str) or isinstance(res[1], str):  # a failed process (killed for memory, ...)
+                    print(head + " | ".join(r if isinstance(r, str) else peaks(r) for r in res)
+                          + " | - | - | - | - |", flush=True)
+                    continue
+                per = (res[1]["backward_gib"] - res[0]["backward_gib"]) / (b2 - b1)
+                fixed = res[0]["backward_gib"] - b1 * per
+                print(head + f"{peaks(res[0])} | {peaks(res[1])} | {per:.2f} | {fixed:.2f} | "
+                      f"{max(fixed + 16 * per, res[0]['peak_gib']):.1f} | {res[1]['seconds'] / b2:.1f} |", flush=True)
+
+
+def peaks(r):
+    return f"{r['backward_gib']:.2f} / {r['peak_gib']:.2f}"
+
+
+def measure(size, base, batch, variant, amp, ckpt):
+    """One fresh process; its JSON, or a short reason where it failed (the OOM killer's SIGKILL: -9)."""
+    p = subprocess.run([sys.executable, __file__, "--size", str(size), "--base", str(base), "--one", str(batch),
+                        variant, str(amp), str(ckpt), "-"], capture_output=True, text=True)
+    if p.returncode != 0:
+        return "killed (SIGKILL: out of memory)" if p.returncode == -9 else f"failed (exit {p.returncode})"
+    return json.loads(p.stdout.splitlines()[-1])
 
 
 if __name__ == "__main__":

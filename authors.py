@@ -160,12 +160,7 @@ def train(cfg, opts, resume=False):
             if run.after_step(step, loss, lr):
                 break
         run.end()
-        if run.rank == 0:
-            res = {}
-            threshold = run.set_threshold(lambda images: D.run_inference(model, images, cfg, opts, run.device)[1])
-            if run.test is not None:
-                res = D.evaluate(model, cfg, opts, run.test, run.device, opts.test or opts.data, threshold)
-            run.finish(res, threshold)
+        D.final_evaluation(run, model, cfg, opts)  # with their guided inference (NormGuided.anomaly_maps)
     return run.folder
 
 

@@ -74,8 +74,7 @@ def extract(a, t):
     return a.to(t.device)[t].view(-1, 1, 1, 1)
 
 
-# ----------------------------------------------------------------------------- denoiser eps_theta(x_t, t)
-# The authors' UNetModel module for module: its state_dict keys and shapes are theirs (import-authors loads them).
+# ------------------------ denoiser eps_theta(x_t, t): the authors' UNetModel module for module (their keys and shapes)
 
 def channel_mult(cfg):
     if cfg.channel_mult:
@@ -370,13 +369,16 @@ def train(cfg, opts, resume=False, cls=DiffusionAD):
             if run.after_step(step, loss, lr):  # log and checkpoints; True after Ctrl-C or --max-minutes
                 break
         run.end()
-        if run.rank == 0:
-            res = {}
-            threshold = run.set_threshold(lambda images: run_inference(model, images, cfg, opts, run.device)[1])
-            if run.test is not None:
-                res = evaluate(model, cfg, opts, run.test, run.device, opts.test or opts.data, threshold)
-            run.finish(res, threshold)
+        final_evaluation(run, model, cfg, opts)
     return run.folder
+
+
+def final_evaluation(run, model, cfg, opts):
+    """After training, on rank 0: the stored threshold (held-out images), Alg. 2 on the test split, metrics.json."""
+    if run.rank == 0:
+        threshold = run.set_threshold(lambda images: run_inference(model, images, cfg, opts, run.device)[1])
+        run.finish({} if run.test is None else evaluate(model, cfg, opts, run.test, run.device, opts.test or opts.data,
+                                                        threshold), threshold)
 
 
 # ----------------------------------------------------------------------------- Alg. 2 over many images

@@ -374,7 +374,7 @@ def train(cfg, opts, resume=False, cls=DiffusionAD):
 
 
 def final_evaluation(run, model, cfg, opts):
-    """After training, on rank 0: the stored threshold (held-out images), Alg. 2 on the test split, metrics.json."""
+    """After training, on rank 0: stored threshold (held-out images), model.anomaly_maps on the test split, metrics."""
     if run.rank == 0:
         threshold = run.set_threshold(lambda images: run_inference(model, images, cfg, opts, run.device)[1])
         run.finish({} if run.test is None else evaluate(model, cfg, opts, run.test, run.device, opts.test or opts.data,

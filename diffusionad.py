@@ -9,61 +9,59 @@ In the paper's order: Config -> linear schedule (Eq. 1-2) -> denoising UNet -> s
 (Eq. 2, 5-8, Alg. 1, Alg. 2) -> the training loop -> Alg. 2 over a test split -> the `train` and `eval` verbs.
 The model section (Config to build_model) uses torch alone: copy it out. Deviations: README.md.
 """
+import importlib
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import data
 import metrics
-import runs
-
-
-def arg(default, help):
-    return field(default=default, metadata={"help": help})
+from extras import checks, cli, options, reports
+from extras.checkpoints import load_checkpoint, open_run
+from extras.distributed import torchrun_env
+from extras.run import Run, launch
+from extras.inference import run_inference
+from extras.speed import autocast, pick_device, sync
 
 
 @dataclass
 class Config:
-    """The paper's method. Every field is a flag (`img_size` -> `--img-size`); defaults are the paper's (but beta_T,
-    see its help), the authors' code where the paper is silent. Our options and how a run is done: runs.RunOptions."""
-    img_size: int = arg(256, "image side (Sec. 4.2)")
-    timesteps: int = arg(1000, "T (Sec. 4.2); time steps t = 0..T-1 (Eq. 2, the authors' code)")
-    beta_start: float = arg(1e-4, "beta_1 of the linear schedule (Eq. 1, Sec. 3.1)")
-    beta_end: float = arg(0.02, "beta_T of the linear schedule: 0.02 as DDPM and the authors' code (Sec. 3.1: 1e-2)")
-    base_channels: int = arg(128, "denoiser width (Sec. 4.2)")
-    channel_mult: str = arg("", "denoiser level multipliers; empty = by size, 1,1,2,2,4,4 at 256 (authors' code)")
-    num_res_blocks: int = arg(2, "residual blocks per level (authors' code)")
-    attn_resolutions: str = arg("32,16,8", "self-attention resolutions (Sec. 4.2) and the middle block; '' = none")
-    num_heads: int = arg(4, "attention heads (Sec. 4.2)")
-    num_head_channels: int = arg(-1, "if > 0, channels per attention head instead of --num-heads (authors' code)")
-    dropout: float = arg(0.0, "denoiser dropout (authors' code)")
-    seg_channels: int = arg(64, "segmentation net base width (DRAEM's discriminative net, the authors' code)")
-    gamma: float = arg(5.0, "focal-loss weight in L_mask (Eq. 7, Sec. 4.2)")
-    batch_size: int = arg(6, "images per step: 3 normal + 3 synthetic (Sec. 4.2)")
-    lr: float = arg(1e-4, "Adam learning rate, one optimizer over both networks (Sec. 4.2)")
-    epochs: int = arg(500, "training epochs, each normal image once per epoch as normal or synthetic (Sec. 4.2)")
-    foreground: str = arg("auto", "where anomalies are synthesized: auto|mask|object|texture|none (Sec. 3.3, data.py)")
-    texture_dir: str = arg("", "anomaly source images such as DTD (Sec. 3.3; data.py); empty = self-augmentation only")
-    eval_t: str = arg("100,200", "inference time steps whose maps are averaged (Sec. 4.2, Table 4)")
-    top_k: int = arg(50, "image score = mean of the top-K map values (Sec. 3.4)")
-    seed: int = arg(0, "seed of the weights, batches, training noise and inference noise")
-
-
-def ints(text):
-    return tuple(int(v) for v in str(text).split(",") if v.strip())
+    """The paper's method; every field is a flag (`img_size` -> `--img-size`), its comment the help. Defaults: the
+    paper's (Sec. 4.2) but beta_end, the authors' code where the paper is silent. The rest: extras/options.py."""
+    img_size: int = 256  # image side (Sec. 4.2)
+    timesteps: int = 1000  # T (Sec. 4.2); t = 0..T-1 index alpha_bar_t (the authors' code; Eq. 2 writes 0..T)
+    beta_start: float = 1e-4  # beta_1 of the linear schedule (Eq. 1, Sec. 3.1)
+    beta_end: float = 0.02  # beta_T of the linear schedule: 0.02 as DDPM and the authors' code (Sec. 3.1: 1e-2)
+    base_channels: int = 128  # denoiser width (Sec. 4.2)
+    channel_mult: tuple = ()  # denoiser level multipliers; empty = by size, 1,1,2,2,4,4 at 256 (the authors' code)
+    num_res_blocks: int = 2  # residual blocks per level (the authors' code)
+    attn_resolutions: tuple = (32, 16, 8)  # self-attention resolutions (Sec. 4.2) and the middle block; '' = none
+    num_heads: int = 4  # attention heads (Sec. 4.2)
+    num_head_channels: int = -1  # if > 0, channels per attention head instead of --num-heads (the authors' code)
+    dropout: float = 0.0  # denoiser dropout (the authors' code)
+    seg_channels: int = 64  # segmentation net base width (DRAEM's discriminative net, the authors' code)
+    gamma: float = 5.0  # focal-loss weight in L_mask (Eq. 7, Sec. 4.2)
+    batch_size: int = 6  # images per step: 3 normal + 3 synthetic (Sec. 4.2)
+    lr: float = 1e-4  # Adam learning rate, one optimizer over both networks (Sec. 4.2)
+    epochs: int = 500  # training epochs (Sec. 4.2); an epoch (ours) takes each normal image once
+    foreground: str = "auto"  # where anomalies are synthesized: auto|mask|object|texture|none (Sec. 3.3)
+    texture_dir: str = ""  # anomaly source images such as DTD (Sec. 3.3); empty = self-augmentation only
+    eval_t: tuple = (100, 200)  # inference time steps whose maps are averaged (Sec. 4.2, Table 4)
+    top_k: int = 50  # image score = mean of the top-K map values (Sec. 3.4)
+    seed: int = 0  # seed of the weights, batches, training noise and inference noise
 
 
 # ----------------------------------------------------------------------------- linear schedule (Eq. 1-2)
 
 def make_schedule(cfg):
-    """sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t) (T,) for t = 0..T-1, alpha_bar_t = prod_{i=0}^{t} (1 - beta_i) as the
-    paper writes it and the authors' code indexes it (t = 0 is one step of noise); float64, stored as float32."""
+    """sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t) (T,) for t = 0..T-1, alpha_bar_t = prod_{i=0}^{t} (1 - beta_i), as the
+    authors' code indexes it (t = 0 is one step of noise); float64, stored as float32."""
     betas = torch.linspace(cfg.beta_start, cfg.beta_end, cfg.timesteps, dtype=torch.float64)  # Eq. (1)
     alphas_bar = torch.cumprod(1.0 - betas, 0)  # Eq. (2)
     return alphas_bar.sqrt().float(), (1.0 - alphas_bar).sqrt().float()
@@ -78,15 +76,15 @@ def extract(a, t):
 
 def channel_mult(cfg):
     if cfg.channel_mult:
-        return ints(cfg.channel_mult)
-    by_size = {256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4), 32: (1, 2, 3, 4)}  # authors' code
+        return tuple(cfg.channel_mult)
+    by_size = {256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4), 32: (1, 2, 3, 4)}  # the authors' code
     if cfg.img_size not in by_size:
         raise ValueError(f"no default --channel-mult for --img-size {cfg.img_size}; pass one, e.g. 1,2,2,4")
     return by_size[cfg.img_size]
 
 
 def norm(ch):
-    """GroupNorm with 32 groups (authors' code); fewer when the width is not a multiple of 32 (ours: small models)."""
+    """GroupNorm with 32 groups (the authors' code); fewer when the width is not a multiple of 32 (small models)."""
     return nn.GroupNorm(math.gcd(32, ch), ch)
 
 
@@ -152,8 +150,8 @@ class Attention(nn.Module):
         return (x + self.proj_out(h.transpose(-1, -2).reshape(B, C, H * W))).reshape(B, C, H, W)
 
 
-class Step(nn.Module):
-    """One UNet stage: layers applied in order, residual blocks also receive the time embedding."""
+class Stage(nn.Module):
+    """One stage of the UNet: its layers in order; the residual blocks also receive the time embedding."""
     def __init__(self, *layers):
         super().__init__()
         for i, layer in enumerate(layers):
@@ -171,22 +169,22 @@ class DenoisingUNet(nn.Module):
     it with one block more per level, each fed the matching skip, and an upsampling residual block."""
     def __init__(self, cfg):
         super().__init__()
-        ch, mult, attn = cfg.base_channels, channel_mult(cfg), set(ints(cfg.attn_resolutions))
+        ch, mult, attn = cfg.base_channels, channel_mult(cfg), set(cfg.attn_resolutions)
         block = lambda cin, cout, how=None: ResBlock(cin, cout, 4 * ch, cfg.dropout, how)
         attention = lambda c: Attention(c, c // cfg.num_head_channels if cfg.num_head_channels > 0 else cfg.num_heads)
         self.time_embedding = nn.Sequential(TimeEmbedding(ch), nn.Linear(ch, 4 * ch), nn.SiLU(), nn.Linear(4 * ch, 4 * ch))
-        self.down, skips, cur, res = nn.ModuleList([Step(nn.Conv2d(3, ch, 3, padding=1))]), [ch], ch, cfg.img_size
+        self.down, skips, cur, res = nn.ModuleList([Stage(nn.Conv2d(3, ch, 3, padding=1))]), [ch], ch, cfg.img_size
         for level, m in enumerate(mult):
             for _ in range(cfg.num_res_blocks):
-                self.down.append(Step(block(cur, m * ch), *([attention(m * ch)] if res in attn else [])))
+                self.down.append(Stage(block(cur, m * ch), *([attention(m * ch)] if res in attn else [])))
                 cur = m * ch
                 skips.append(cur)
             if level < len(mult) - 1:
-                self.down.append(Step(block(cur, cur, "down")))
+                self.down.append(Stage(block(cur, cur, "down")))
                 skips.append(cur)
                 res //= 2
         mid_attn = [attention(cur)] if attn else []  # none: fully convolutional (ours, for --crop)
-        self.middle = Step(block(cur, cur), *mid_attn, block(cur, cur))
+        self.middle = Stage(block(cur, cur), *mid_attn, block(cur, cur))
         self.up = nn.ModuleList()
         for level, m in reversed(list(enumerate(mult))):
             for i in range(cfg.num_res_blocks + 1):
@@ -195,24 +193,24 @@ class DenoisingUNet(nn.Module):
                 if level > 0 and i == cfg.num_res_blocks:
                     layers.append(block(cur, cur, "up"))
                     res *= 2
-                self.up.append(Step(*layers))
+                self.up.append(Stage(*layers))
         self.out = nn.Sequential(norm(cur), nn.SiLU(), zero(nn.Conv2d(cur, 3, 3, padding=1)))
 
     def forward(self, x, t):
         emb = self.time_embedding(t)  # (B, 4*base)
         h, hs = x, []
-        for step in self.down:
-            h = step(h, emb)
+        for stage in self.down:
+            h = stage(h, emb)
             hs.append(h)
         h = self.middle(h, emb)
-        for step in self.up:
-            h = step(torch.cat([h, hs.pop()], dim=1), emb)
+        for stage in self.up:
+            h = stage(torch.cat([h, hs.pop()], dim=1), emb)
         return self.out(h)
 
 
 # ----------------------------------------------------------------------------- segmentation sub-network
 
-def cbr(cin, cout):
+def conv_bn_relu(cin, cout):
     """3x3 convolution, BatchNorm, ReLU (as a list, to splice into a Sequential)."""
     return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
@@ -225,11 +223,11 @@ class SegmentationUNet(nn.Module):
         super().__init__()
         enc = [base * min(2 ** i, 8) for i in range(6)]  # 64, 128, 256, 512, 512, 512 at base 64
         dec = [enc[max(i - 1, 0)] for i in range(5)] + [enc[5]]  # 64, 64, 128, 256, 512 (+ the bottleneck's 512)
-        self.enc = nn.ModuleList(nn.Sequential(*cbr(in_ch if i == 0 else enc[i - 1], enc[i]), *cbr(enc[i], enc[i]))
-                                 for i in range(6))
+        self.enc = nn.ModuleList(nn.Sequential(*conv_bn_relu(in_ch if i == 0 else enc[i - 1], enc[i]),
+                                               *conv_bn_relu(enc[i], enc[i])) for i in range(6))
         self.up = nn.ModuleList(nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
-                                              *cbr(dec[i + 1], dec[i])) for i in reversed(range(5)))
-        self.dec = nn.ModuleList(nn.Sequential(*cbr(dec[i] + enc[i], dec[i]), *cbr(dec[i], dec[i]))
+                                              *conv_bn_relu(dec[i + 1], dec[i])) for i in reversed(range(5)))
+        self.dec = nn.ModuleList(nn.Sequential(*conv_bn_relu(dec[i] + enc[i], dec[i]), *conv_bn_relu(dec[i], dec[i]))
                                  for i in reversed(range(5)))
         self.out = nn.Conv2d(base, 1, 3, padding=1)
 
@@ -259,8 +257,10 @@ def mask_loss(logits, mask, gamma):
 
 class DiffusionAD(nn.Module):
     """The denoising sub-network, the segmentation sub-network and the schedule. Images in [0, 1], as data.py
-    yields them and the authors' code trains."""
-    def __init__(self, cfg):
+    yields them and the authors' code trains. opts: a run's options, read by variants with settings of their own."""
+    time_steps = True  # Alg. 2 averages maps over time steps (a variant with one pass has none)
+
+    def __init__(self, cfg, opts=None):
         super().__init__()
         self.cfg = cfg
         self.build(cfg)
@@ -288,6 +288,13 @@ class DiffusionAD(nn.Module):
         """Mask logits M (B,1,H,W) from cat(x0, x0_hat)."""
         return self.seg(torch.cat([x0, x0_hat], dim=1))
 
+    def draw(self, x0, mask, source, label, generator, T):
+        """Alg. 1's draws for a batch, as the arguments of forward: t ~ U{0..T-1} and eps ~ N(0, I), a t per image (the
+        authors' code; Alg. 1 writes one t)."""
+        t = torch.randint(0, T, (len(x0),), generator=generator).to(x0.device)
+        eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+        return x0, mask, t, eps, source
+
     def train_loss(self, x0, mask, t, eps):
         """Alg. 1 on one batch: x0 (B,3,H,W) normal and synthetic images, mask (B,1,H,W) their anomaly masks (zero
         for normal ones), t (B,) and eps (B,3,H,W) drawn by the caller. Returns the losses {noise, mask, total}."""
@@ -299,9 +306,16 @@ class DiffusionAD(nn.Module):
         return {"noise": loss_noise, "mask": loss_mask, "total": loss_noise + loss_mask}  # Eq. (8)
 
     def forward(self, x0, mask, t, eps, source=None):
-        """Calling the model is Alg. 1 (DistributedDataParallel wraps this call). Every batch also brings the
-        anomaly-free image under each x0 (`source`); Alg. 1 does not read it."""
+        """Calling the model is Alg. 1 (DistributedDataParallel wraps this call); source, the anomaly-free image
+        under each x0, is not read by Alg. 1."""
         return self.train_loss(x0, mask, t, eps)
+
+    def param_groups(self):
+        """One Adam over both networks (Sec. 4.2); rates(lr, step): each group's rate."""
+        return [{"params": list(self.parameters())}]
+
+    def rates(self, lr, step):
+        return [lr]
 
     def anomaly_map(self, x0, t, eps):
         """Alg. 2 at one time step: (M_t (B,H,W) in float32, x0_hat). The sigmoid runs in float32 (a bf16 one would
@@ -326,13 +340,10 @@ class DiffusionAD(nn.Module):
         return maps.flatten(1).topk(min(self.cfg.top_k, maps[0].numel()), dim=1).values.mean(1)
 
 
-def build_model(cfg, state=None, device="cpu", cls=DiffusionAD):
-    """The model of a run (cls: DiffusionAD or a Table 3 variant, ablations.py), with a checkpoint's weights if
-    given; ValueError when they do not fit."""
-    if state is not None and cls is DiffusionAD and state.get("config", {}).get("ablation", "none") != "none":
-        raise ValueError(f"a checkpoint of Table 3's --ablation {state['config']['ablation']}: build it with "
-                         "tools.build_model")
-    model = cls(cfg)
+def build_model(cfg, state=None, device="cpu", cls=DiffusionAD, opts=None):
+    """A model of class cls (DiffusionAD or a variant) with a checkpoint's weights if given; ValueError when they do
+    not fit."""
+    model = cls(cfg, opts)
     for name in ("denoiser", "seg"):
         net = getattr(model, name)
         if state is not None and net is not None:
@@ -343,28 +354,64 @@ def build_model(cfg, state=None, device="cpu", cls=DiffusionAD):
     return model.to(device)
 
 
+# ----------------------------------------------------------------------------- a run's model
+
+# Every verb and run class beyond this file, by where it lives in extras/ (those modules import this one): the one
+# table through which this file imports them, when a command or a run needs one.
+ELSEWHERE = {"predict": "extras.predict:main", "export": "extras.export:main", "bench": "extras.bench:main",
+             "table": "extras.benchmarks:main", "import-authors": "extras.import_authors:main",
+             "preview": "extras.data_verbs:preview", "resize": "extras.data_verbs:resize",
+             "seg-only": "extras.ablations:SegmentationAD", "ae": "extras.ablations:DRAEMPlus",
+             "denoise-only": "extras.ablations:DenoisingAD", "authors": "extras.authors:NormGuided"}
+
+
+def elsewhere(name):
+    module, attr = ELSEWHERE[name].split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def model_class(opts):
+    """The class of a run: DiffusionAD, a Table 3 variant (--ablation) or the authors' version (--variant authors)."""
+    if opts.variant == "authors":
+        return elsewhere("authors")
+    return DiffusionAD if opts.ablation == "none" else elsewhere(opts.ablation)
+
+
+def load(run, cls=None, device="cpu"):
+    """(model, cfg) of a run folder or its ckpt.pt, in eval mode: the run's own class, or cls (an import-authors run
+    as the paper's DiffusionAD, say: the same networks)."""
+    path = Path(run) / "ckpt.pt" if Path(run).is_dir() else Path(run)
+    state, cfg, opts = load_checkpoint(path, Config)
+    return checks.or_exit(build_model, cfg, state, device, cls or model_class(opts), opts).eval(), cfg
+
+
 # ----------------------------------------------------------------------------- Alg. 1: training
 
+def train_step(forward, optimizer, inputs, opts, device):
+    """Eq. (6)-(8) on one batch (forward: the model or its data-parallel wrapper), then one Adam step."""
+    with autocast(opts, device):
+        loss = forward(*inputs)
+    optimizer.zero_grad(set_to_none=True)
+    loss["total"].backward()
+    optimizer.step()  # Alg. 1: one gradient step on both networks
+    return loss
+
+
 def train(cfg, opts, resume=False, cls=DiffusionAD):
-    """Alg. 1 on the normal images of opts.data, then the final evaluation (Alg. 2). runs.Run does the plumbing:
-    run folder, data, device, resuming, compile and torchrun, the loss log, checkpoints, Ctrl-C, --max-minutes."""
-    with runs.Run(cfg, opts, resume, Config) as run:
+    """Alg. 1 on the normal images of opts.data, then the final evaluation (Alg. 2). extras.run.Run does the
+    plumbing: run folder, data, device, resuming, compile and torchrun, the loss log, checkpoints, Ctrl-C."""
+    with Run(cfg, opts, resume, Config, getattr(cls, "batches", data.run_batches)) as run:  # or a variant's own
         torch.manual_seed(cfg.seed)  # weights (and dropout)
-        model = run.place(runs.one_line(build_model, cfg, run.state, cls=cls))  # weights when resuming
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=run.device.type == "cuda")  # both nets, Sec. 4.2
-        step, losses = run.start(model, opt)  # step > 0 when resuming; losses: the model, compiled/parallel if asked
-        T = opts.train_t or cfg.timesteps  # the paper: t ~ U{0..T-1}; --train-t narrows it (runs.RunOptions)
+        model = run.place(checks.or_exit(build_model, cfg, run.state, cls=cls, opts=opts))  # weights when resuming
+        optimizer = torch.optim.Adam(model.param_groups(), lr=cfg.lr, fused=run.device.type == "cuda")  # Sec. 4.2
+        step, forward = run.start(model, optimizer)  # step > 0 when resuming; forward: compiled/parallel if asked
+        T = opts.train_t or cfg.timesteps  # the paper: t ~ U{0..T-1}; --train-t narrows it (extras/options.py)
         model.train()
         for batch in run.batches(step):  # distinct normal images: 3 as they are, 3 made synthetic (Sec. 3.3)
-            x0, mask, source, g = run.inputs(batch, step)  # on the device (cropped if asked); g: this step's noise
-            t = torch.randint(0, T, (len(x0),), generator=g).to(x0.device)  # Alg. 1: t ~ U{0..T-1}
-            eps = torch.randn(x0.shape, generator=g).to(x0.device)  # Alg. 1: eps ~ N(0, I)
-            with runs.autocast(opts, run.device):
-                loss = losses(x0, mask, t, eps, source)  # Eq. (6)-(8)
-            opt.zero_grad(set_to_none=True)
-            loss["total"].backward()
-            lr = run.set_lr(opt, step)  # the paper's constant rate, or our --lr-schedule
-            opt.step()  # Alg. 1: one gradient step on both networks
+            x0, mask, source, generator = run.inputs(batch, step)  # on the device (cropped if asked)
+            inputs = model.draw(x0, mask, source, batch["label"], generator, T)  # Alg. 1: t ~ U{0..T-1}, eps ~ N(0, I)
+            lr = run.set_lr(optimizer, step, model.rates)  # the paper's constant rate, or our --lr-schedule
+            loss = train_step(forward, optimizer, inputs, opts, run.device)
             step += 1
             if run.after_step(step, loss, lr):  # log and checkpoints; True after Ctrl-C or --max-minutes
                 break
@@ -374,127 +421,78 @@ def train(cfg, opts, resume=False, cls=DiffusionAD):
 
 
 def final_evaluation(run, model, cfg, opts):
-    """After training, on rank 0: stored threshold (held-out images), model.anomaly_maps on the test split, metrics."""
+    """After training, on rank 0: the stored threshold (held-out images), model.anomaly_maps on the test split."""
     if run.rank == 0:
-        threshold = run.set_threshold(lambda images: run_inference(model, images, cfg, opts, run.device)[1])
-        run.finish({} if run.test is None else evaluate(model, cfg, opts, run.test, run.device, opts.test or opts.data,
-                                                        threshold), threshold)
+        threshold = reports.held_out_threshold(
+            run.held_out, lambda images: run_inference(model, images, cfg, opts, run.device)[1], cfg, opts)
+        if threshold is not None:
+            run.checkpoint(run.ckpt_path, threshold)
+        run.write_metrics({} if run.test is None else evaluate(model, cfg, opts, run.test, run.device,
+                                                               opts.test or opts.data, threshold), threshold)
 
 
-# ----------------------------------------------------------------------------- Alg. 2 over many images
-
-def inference_noise(seed, n_steps, size, device="cpu"):
-    """Alg. 2's noise (K,3,S,S): one draw per time step from the seed, the same for every image on every device
-    (a score does not depend on its batch; an exported program holds the noise)."""
-    return torch.randn((n_steps, 3, size, size), generator=torch.Generator().manual_seed(seed)).to(device)
-
-
-def uses_time_steps(model):
-    """False for a variant whose anomaly_maps is one pass without time steps (ablations.py, authors.py)."""
-    return type(model).anomaly_maps is DiffusionAD.anomaly_maps
-
-
-def batched_maps(model, x0, ts, noise):
-    """model.anomaly_maps with the K time steps as one batch of K*B images, one pass per network (the speed path
-    of run_inference and export; equal to the loop, tests). A variant without time steps runs its own."""
-    if not uses_time_steps(model):
-        return model.anomaly_maps(x0, ts, noise)
-    B, K = x0.shape[0], len(ts)  # shape[0], not len(): torch.export keeps the batch size symbolic
-    t = torch.tensor(ts, device=x0.device).repeat_interleave(B)  # (K*B,): row k*B+i is image i at ts[k]
-    maps, x0_hat = model.anomaly_map(x0.repeat(K, 1, 1, 1), t, noise.repeat_interleave(B, dim=0))
-    maps = maps.view(K, B, *maps.shape[1:]).mean(0)
-    return maps, model.image_score(maps), x0_hat.view(K, B, *x0_hat.shape[1:])
-
-
-def run_inference(model, images, cfg, opts, device, keep_restorations=False, what="images"):
-    """Alg. 2 over images (N,3,H,W) in batches of opts.eval_batch (the last one padded: one shape). Returns maps
-    (N,H,W), scores (N,), each restoration's squared error (N,K), and those at the first t (N,3,H,W) if asked."""
-    ts, B, N = ints(cfg.eval_t), opts.eval_batch, len(images)
-    eps = inference_noise(cfg.seed, len(ts), images.shape[-1], device)  # (K,3,H,W): the same for every image
-    fmt = runs.memory_format(opts, device, inference=True)
-    model.eval().to(memory_format=fmt)
-    maps_fn = runs.compiled(model, batched_maps, opts, device)  # torch.compile with --compile
-    maps, scores, mse, restored = [], [], [], []
-    progress = runs.Progress(N, what, opts.log_every)
-    with torch.inference_mode(), runs.autocast(opts, device):
-        for i in range(0, N, B):
-            x0 = images[i: i + B].to(device, non_blocking=True)
-            n = len(x0)
-            x0 = torch.cat([x0, x0[-1:].expand(B - n, -1, -1, -1)]).contiguous(memory_format=fmt)  # pad to B
-            m, s, x0_hat = maps_fn(model, x0, ts, eps)  # Alg. 2
-            x0_hat = x0_hat.float()[:, :n].clamp(0, 1)  # (K,n,3,H,W), as an image
-            maps.append(m[:n].float().cpu())
-            scores.append(s[:n].float().cpu())
-            mse.append((x0_hat - x0[:n].float()).pow(2).mean((2, 3, 4)).t().cpu())  # (n,K)
-            if keep_restorations:
-                restored.append(x0_hat[0].cpu())
-            progress.update(i + n)
-    return (torch.cat(maps).numpy(), torch.cat(scores).numpy(), torch.cat(mse).numpy(),
-            torch.cat(restored) if keep_restorations else None)
-
+# ----------------------------------------------------------------------------- Alg. 2 over a test split
 
 def evaluate(model, cfg, opts, test, device, name, threshold=None, maps_dir=None):
     """Alg. 2 on a whole test split: metrics (metrics.py), FPS, the reliance on the restoration, its PSNR, the
     threshold's verdicts; panels if maps_dir. Returns the results dict."""
-    items, images, masks, labels, known = runs.read_split(test)  # every file read first: reading is not timed
+    items, images, masks, labels, has_mask = reports.read_split(test)  # every file read first: reading is not timed
     run_inference(model, images[: opts.eval_batch], cfg, opts, device)  # warm-up (and compilation)
-    runs.sync(device)
+    sync(device)
     t0 = time.perf_counter()
     maps, scores, mse, restored = run_inference(model, images, cfg, opts, device, maps_dir is not None, "test images")
-    runs.sync(device)
+    sync(device)
     fps = len(images) / (time.perf_counter() - t0)
-    res = metrics.evaluate(maps, masks, labels, scores, defects=[it["defect"] for it in items], pixel_images=known)
-    res.update(fps=round(fps, 3), eval_t=list(ints(cfg.eval_t)), data=str(name), device=str(device))
+    res = metrics.evaluate(maps, masks, labels, scores, defects=[it["defect"] for it in items], pixel_images=has_mask)
+    res.update(fps=round(fps, 3), eval_t=list(cfg.eval_t), data=str(name), device=str(device))
     if model.denoiser is not None and model.seg is not None:  # the drop with x0_hat := x0
-        runs.add_reliance(res, model, images, masks, labels, known, opts, device)
+        reports.add_reliance(res, model, images, masks, labels, has_mask, opts, device)
     if model.denoiser is not None:  # PSNR of the restorations (a variant without time steps: its reconstruction)
-        res["restoration_psnr_good"] = runs.psnr(mse, labels, ints(cfg.eval_t) if uses_time_steps(model) else
-                                                 ("restoration",))
-    runs.report(res, items, scores, threshold, cfg, opts, device)
+        res["restoration_psnr_good"] = reports.psnr(mse, labels, cfg.eval_t if model.time_steps else
+                                                    ("restoration",))
+    reports.report(res, items, scores, threshold, cfg, opts, device)
     if maps_dir is not None:
-        runs.save_panels(maps_dir, items, images, restored, maps, ints(cfg.eval_t)[0])
+        reports.save_panels(maps_dir, items, images, restored, maps, cfg.eval_t[0])
     return res
 
 
 # ----------------------------------------------------------------------------- the command line
 
-def evaluate_cmd(a, build):
-    """eval: Alg. 2 on a run's test split (or --data / --test); build(cfg, opts, state, device): the run's model."""
-    path, state, cfg, opts = runs.open_run(a, Config, channel_mult)
-    out, maps_dir = runs.eval_output(a, opts, cfg, path)
-    test = runs.open_test(a, opts, cfg.img_size)
-    device = runs.pick_device(opts)
-    model = runs.one_line(build, cfg, opts, state, device).eval()
-    threshold, source = runs.stored_threshold(state, cfg, opts, path)
+def train_cmd(args):
+    """train: Alg. 1 on one class, every class of a benchmark root, or data-parallel under torchrun."""
+    cfg, opts = options.check_flags(*options.from_flags(args, Config), channel_mult)
+    cls = model_class(opts)
+    launch(cfg, opts, args.resume, lambda cfg, opts, resume: train(cfg, opts, resume, cls))
+
+
+def eval_cmd(args):
+    """eval: Alg. 2 on a run's test split (or --data / --test), the result in a file of its own."""
+    path, state, cfg, opts = open_run(args, Config, channel_mult)
+    out, maps_dir = reports.eval_output(args, opts, cfg, path)
+    test = checks.open_test(args, opts, cfg.img_size)
+    device = pick_device(opts)
+    model = checks.or_exit(build_model, cfg, state, device, model_class(opts), opts).eval()
+    threshold, source = reports.stored_threshold(state, cfg, opts, path)
     print(f"evaluating {path} (step {state['step']})" + ("" if threshold else f"; no verdicts: {source}"))
-    res = evaluate(model, cfg, opts, test, device, a.test or a.data or opts.test or opts.data, threshold,
-                   maps_dir if a.save_maps else None)
+    res = evaluate(model, cfg, opts, test, device, args.test or args.data or opts.test or opts.data, threshold,
+                   maps_dir if args.save_maps else None)
     res.update(train_seconds=round(state.get("seconds", 0.0), 1), steps=state["step"], checkpoint=str(path))
-    runs.write_metrics(out, res, cfg, opts)
+    reports.write_metrics(out, res, cfg, opts)
 
 
 def main(argv=None):
-    """train, eval; predict, export, bench, table (tools.py), import-authors and --variant authors (authors.py)."""
-    import authors  # authors.py and tools.py import this module: imported here, not at the top, to avoid a cycle
-    import tools
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:
-        return tools.bench(argv[1:])
-    a = runs.parser(Config, __doc__.split("\n\n")[0]).parse_args(argv)
-    if runs.torchrun_env()[1] > 1 and a.cmd != "train":
-        raise SystemExit(f"{a.cmd} runs in one process: start it without torchrun")
-    if a.cmd == "train":
-        cfg, opts = runs.check(*runs.options_from(a, Config), channel_mult)
-        paper = lambda cfg, opts, resume: train(cfg, opts, resume, tools.model_class(opts))
-        runs.launch(cfg, opts, a.resume, authors.train if opts.variant == "authors" else paper)
-    elif a.cmd == "eval":
-        evaluate_cmd(a, tools.build_model)
-    elif a.cmd == "import-authors":
-        authors.import_cmd(a)
+    """train and eval (here); predict, export, bench, table, import-authors, preview, resize (ELSEWHERE)."""
+    args = cli.parser(Config, __doc__.split("\n\n")[0]).parse_args(argv)
+    if torchrun_env()[1] > 1 and args.cmd != "train":
+        raise SystemExit(f"{args.cmd} runs in one process: start it without torchrun")
+    if args.cmd == "train":
+        train_cmd(args)
+    elif args.cmd == "eval":
+        eval_cmd(args)
     else:
-        tools.main(a)
+        elsewhere(args.cmd)(args)
 
 
 if __name__ == "__main__":
-    sys.modules.setdefault("diffusionad", sys.modules[__name__])  # `import diffusionad` (tools, authors...) gets
-    main()                                                          # this module, not a second copy of its classes
+    sys.modules.setdefault("diffusionad", sys.modules[__name__])  # `import diffusionad` (extras/...) gets this
+    main()                                                          # module, not a second copy of its classes

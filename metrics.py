@@ -1,6 +1,7 @@
-"""Exact, fast anomaly-detection metrics: image/pixel AUROC, image/pixel AP and PRO.
+"""Exact, fast anomaly-detection metrics: image/pixel AUROC, image/pixel AP, F1-max and PRO.
 
-Standalone (numpy, scipy, scikit-learn only) so it can be copied into other projects alone.
+Standalone (numpy and scipy only) so it can be copied into other projects alone; the tests check it against
+scikit-learn and a brute-force PRO.
 
 Definitions
 - Image metrics take one score per image, label 1 (or True) = anomalous. Pixel metrics pool all pixels
@@ -22,8 +23,8 @@ Definitions
 Known traps, and the decision taken for each
 - The authors' evaluation samples 1000 linearly spaced thresholds and min-max rescales the kept FPRs
   instead of dividing by the limit. That is biased; this file computes the exact definition above.
-  (`--bench` prints both. In our trials the bias was downward, not the inflation once expected: chords
-  of a coarse grid fall under a concave curve and the average stops at the last sampled FPR.)
+  (scripts/metrics_bench.py prints both. In our trials the bias was downward: chords of a coarse grid fall
+  under a concave curve and the average stops at the last sampled FPR.)
 - No anomalous pixel / no normal pixel / one class of image labels: the metric is undefined. The
   single-metric functions raise UndefinedMetricError (a ValueError); `evaluate` reports NaN with a
   warning and returns the metrics that are defined. Never a silent 0.5.
@@ -35,18 +36,13 @@ Known traps, and the decision taken for each
   binary search counts the normals at each threshold. O(P log P) time, about one extra copy of the maps
   in memory. Maps keep their float precision (integers become float64, or float32 where that is exact).
 """
-import csv
-import io
-import json
-import re
 import warnings
-from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
 __all__ = ["image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "pro",
-           "evaluate", "table", "UndefinedMetricError"]
+           "evaluate", "UndefinedMetricError"]
 
 
 class UndefinedMetricError(ValueError):
@@ -274,179 +270,3 @@ def evaluate(maps, masks, labels, scores, fpr_limit=0.3, defects=None, pixel_ima
                                                   None, 1.0, "image_auroc") if good.any() else float("nan")
                                          for d in sorted(set(defects.tolist()) - {"good"})}
     return out
-
-
-# ---------------------------------------------------------------- benchmark tables: python metrics.py table DIR
-# The paper's numbers (arXiv 2303.08730), in %, per class: (DiffusionAD, the best other method in the same
-# table, its number). VisA image AUROC: Table 1; VisA PRO: Table 2; DAGM image AUROC: Table 5. "mean" is the
-# paper's own average over all classes of the benchmark. Ties name every method that reaches the number.
-PAPER = {
-    "visa": {
-        "candle": {"image_auroc": (94.9, "PatchCore", 98.6), "pixel_pro": (94.7, "PaDiM", 95.7)},
-        "capsules": {"image_auroc": (96.4, "CFLOW", 93.0), "pixel_pro": (97.6, "PatchCore", 85.5)},
-        "cashew": {"image_auroc": (92.5, "RD4AD", 99.6), "pixel_pro": (88.0, "PatchCore", 94.5)},
-        "chewinggum": {"image_auroc": (99.2, "CFA/RD4AD", 99.7), "pixel_pro": (87.0, "SPADE", 93.9)},
-        "fryum": {"image_auroc": (97.8, "DRAEM", 97.4), "pixel_pro": (96.8, "DRAEM", 93.1)},
-        "macaroni1": {"image_auroc": (99.3, "CFA", 98.9), "pixel_pro": (96.8, "DRAEM", 96.7)},
-        "macaroni2": {"image_auroc": (98.9, "RD4AD", 97.6), "pixel_pro": (98.0, "PatchCore", 94.4)},
-        "pcb1": {"image_auroc": (99.1, "PatchCore", 98.5), "pixel_pro": (96.9, "PatchCore", 94.3)},
-        "pcb2": {"image_auroc": (99.2, "PatchCore", 97.3), "pixel_pro": (92.8, "PatchCore", 89.2)},
-        "pcb3": {"image_auroc": (98.6, "CFLOW", 99.6), "pixel_pro": (94.4, "PatchCore", 90.9)},
-        "pcb4": {"image_auroc": (98.6, "PatchCore", 99.6), "pixel_pro": (95.5, "PatchCore", 90.1)},
-        "pipe_fryum": {"image_auroc": (98.9, "PatchCore", 99.8), "pixel_pro": (80.2, "PatchCore", 95.7)},
-        "mean": {"image_auroc": (97.8, "RD4AD", 96.0), "pixel_pro": (93.2, "PatchCore", 91.2)},
-    },
-    "dagm": {
-        "Class1": {"image_auroc": (99.9, "RD4AD", 99.4)},
-        "Class2": {"image_auroc": (100.0, "PatchCore/RD4AD", 100.0)},
-        "Class3": {"image_auroc": (100.0, "PaDiM", 99.0)},
-        "Class4": {"image_auroc": (100.0, "CFA/DRAEM/PaDiM/PatchCore/RD4AD", 100.0)},
-        "Class5": {"image_auroc": (100.0, "DRAEM", 100.0)},
-        "Class6": {"image_auroc": (100.0, "CFA/DRAEM/RD4AD", 100.0)},
-        "Class7": {"image_auroc": (100.0, "CFA/CutPaste/PatchCore/RD4AD", 100.0)},
-        "Class8": {"image_auroc": (100.0, "DRAEM", 99.4)},
-        "Class9": {"image_auroc": (96.1, "CFA", 100.0)},
-        "Class10": {"image_auroc": (100.0, "PatchCore", 100.0)},
-        "mean": {"image_auroc": (99.6, "RD4AD", 95.8)},
-    },
-}
-COLUMNS = (("Image AUROC", "image_auroc"), ("Pixel AUROC", "pixel_auroc"), ("PRO", "pixel_pro"),
-           ("Image AP", "image_ap"), ("Pixel AP", "pixel_ap"), ("Image F1-max", "image_f1_max"),
-           ("Pixel F1-max", "pixel_f1_max"))
-VISA = {"candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2", "pcb1", "pcb2", "pcb3",
-        "pcb4", "pipe_fryum"}
-
-
-def _benchmark(names):
-    if names and all(n.startswith("Class") and n[5:].isdigit() for n in names):
-        return "dagm"
-    return "visa" if names and set(names) <= VISA else "other"
-
-
-def table(folder):
-    """The table of a benchmark's run folder (one subfolder per class with metrics.json from training):
-    one row per class, the mean row last; where the paper has the class (PAPER), its DiffusionAD number, our
-    difference and the best other method's number. The mean row compares with the mean of the paper's
-    numbers over the same classes (the best other method only when every class is there). Unfinished
-    classes are listed, not dropped. Returns (markdown, csv text)."""
-    folder = Path(folder)
-    listing = folder / "benchmark.json"  # written by diffusionad.py: every class of the benchmark
-    names = set(json.loads(listing.read_text())["classes"]) if listing.is_file() else set()
-    names |= {p.name for p in folder.iterdir() if p.is_dir() and (p / "config.json").is_file()}
-    runs = [folder / n for n in sorted(names, key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])]
-    paper = PAPER.get(_benchmark([p.name for p in runs]), {})
-    p_keys = [k for k in ("image_auroc", "pixel_pro") if any(k in v for v in paper.values())]
-    label = dict((k, c) for c, k in COLUMNS)
-    head = ["Class"] + [c for c, _ in COLUMNS] + ["FPS", "Train min"]
-    head += [h for k in p_keys for h in (f"Paper {label[k]}", "Diff", f"Best other {label[k]}")]
-    rows, done = [], {}
-    for run in runs:
-        m = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else None
-        if m is None or m.get("image_auroc") is None:
-            lines = (run / "log.csv").read_text().splitlines() if (run / "log.csv").is_file() else []
-            state = f"unfinished (step {lines[-1].split(',')[0]})" if len(lines) > 1 else \
-                "not started" if (run / "config.json").is_file() else "missing (no run; see the train output)"
-            rows.append([run.name, state if m is None else "no test metrics"] + [""] * (len(head) - 2))
-            continue
-        done[run.name] = m
-        rows.append(_row(run.name, m, paper.get(run.name, {}), p_keys))
-    if done:
-        mean = {k: float(np.mean([m[k] for m in done.values() if m.get(k) is not None] or [np.nan]))
-                for k in [k for _, k in COLUMNS] + ["fps", "train_seconds"]}
-        ref = {}
-        for k in p_keys:  # the paper's mean over the classes we have; its best other method only over all of them
-            have = [paper[c][k][0] for c in done if k in paper.get(c, {})]
-            if have:
-                whole = set(done) >= set(paper) - {"mean"}
-                ref[k] = (float(np.mean(have)),) + (paper["mean"][k][1:] if whole else (None, None))
-        name = "mean" if len(done) == len(runs) else f"mean of {len(done)}/{len(runs)}"
-        rows.append(_row(name, mean, ref, p_keys))
-    md = "\n".join("| " + " | ".join(r) + " |" for r in [head, ["---"] * len(head)] + rows)
-    text = io.StringIO()
-    csv.writer(text).writerows([head] + rows)
-    return md + "\n", text.getvalue()
-
-
-def _row(name, m, paper, p_keys):
-    pct = lambda v: "-" if v is None or v != v else f"{100 * v:.1f}"
-    row = [name] + [pct(m.get(k)) for _, k in COLUMNS]
-    row += [f"{m['fps']:.1f}" if m.get("fps") is not None else "-",
-            f"{m['train_seconds'] / 60:.1f}" if m.get("train_seconds") is not None else "-"]
-    for k in p_keys:
-        ours = m.get(k)
-        if k not in paper:
-            row += ["-", "-", "-"]
-            continue
-        value, other, other_value = paper[k]
-        row += [f"{value:.1f}", f"{round(100 * ours - value, 1) + 0.0:+.1f}" if ours is not None and ours == ours else "-",
-                f"{other_value:.1f} ({other})" if other else "-"]
-    return row
-
-
-# ---------------------------------------------------------------- benchmark: python metrics.py --bench
-def _naive_pro(masks, maps, n_thresholds=1000, fpr_limit=0.3):
-    """The authors'-style PRO, for comparison only: n linearly spaced thresholds from the maximum
-    down (score > t), every region's overlap recomputed at every threshold, the FPRs <= limit kept
-    and min-max rescaled to [0, 1], then the trapezoid area."""
-    maps, masks = np.asarray(maps), np.asarray(masks) > 0.5
-    coords = []  # flat pixel indices of each region of each image (labelled once: a favour)
-    for k in masks:
-        lab = ndimage.label(k, structure=np.ones((3, 3), bool))[0].ravel()
-        order = np.argsort(lab, kind="stable")
-        coords.append(np.split(order, np.cumsum(np.bincount(lab)))[1:-1])
-    normal = ~masks
-    lo, hi = float(maps.min()), float(maps.max())
-    fprs, pros = [], []
-    for t in hi - (hi - lo) * np.arange(n_thresholds) / n_thresholds:
-        pred = maps > t
-        pros.append(np.mean([p.ravel()[c].mean() for p, cs in zip(pred, coords) for c in cs]))
-        fprs.append(np.count_nonzero(pred & normal) / np.count_nonzero(normal))
-    fprs, pros = np.array(fprs), np.array(pros)
-    keep = fprs <= fpr_limit
-    f, p = fprs[keep], pros[keep]
-    return float(np.trapezoid(p, (f - f.min()) / (f.max() - f.min())))  # f is nondecreasing
-
-
-def _bench(n=1000, size=256, n_naive=100, seed=0):
-    import resource
-    import time
-
-    def timed(f, *args):
-        t0 = time.perf_counter()
-        return f(*args), time.perf_counter() - t0
-
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    maps, masks = np.empty((n, size, size), np.float32), np.zeros((n, size, size), bool)
-    for i in range(n):  # half the images get 1-3 elliptic blobs; maps look like a segmentation
-        for _ in range(rng.integers(1, 4) if i % 2 else 0):  # net's sigmoid output: noise + blobs
-            cy, cx, ry, rx = rng.uniform(0, size, 2).tolist() + rng.uniform(3, 30, 2).tolist()
-            masks[i] |= ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
-        noise = ndimage.gaussian_filter(rng.standard_normal((size, size), np.float32), 2)
-        blobs = ndimage.gaussian_filter(masks[i].astype(np.float32), 2)
-        maps[i] = 1 / (1 + np.exp(6 - 14 * noise - 6 * blobs))  # 14 * noise has std about 2
-    labels, scores = masks.any(axis=(1, 2)), maps.max(axis=(1, 2))
-    print(f"data: {n} maps of {size}x{size} ({maps.size / 1e6:.1f} M pixels, "
-          f"{masks.mean():.1%} anomalous), float32 maps {maps.nbytes / 2**20:.0f} MiB")
-    rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
-    rss_before = rss()
-    res, dt = timed(evaluate, maps, masks, labels, scores)
-    print(f"evaluate (exact), {n} images: {dt:.1f} s; process peak RSS (resource.getrusage "
-          f"ru_maxrss) {rss_before:.2f} GiB before evaluate, {rss():.2f} GiB after")
-    print("  " + ", ".join(f"{k}={v:.4f}" for k, v in res.items()))
-    naive, dt_naive = timed(_naive_pro, masks[:n_naive], maps[:n_naive])
-    exact, dt_exact = timed(pro, masks[:n_naive], maps[:n_naive])
-    print(f"naive 1000-threshold PRO, measured on the first {n_naive} images: {dt_naive:.1f} s "
-          f"(extrapolated to {n} images: ~{dt_naive * n / n_naive:.0f} s); exact pro on the "
-          f"same {n_naive} images: {dt_exact:.2f} s")
-    print(f"  PRO on those {n_naive} images: naive (min-max rescaled) {naive:.4f} vs exact {exact:.4f}")
-
-
-if __name__ == "__main__":
-    import sys
-    if sys.argv[1:] == ["--bench"]:
-        _bench()
-    elif len(sys.argv) == 3 and sys.argv[1] == "table":
-        print(table(sys.argv[2])[0])
-    else:
-        print("usage: python metrics.py --bench | python metrics.py table RUNS_FOLDER")

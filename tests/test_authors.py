@@ -10,14 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-import ablations
-import authors
 import diffusionad as D
-import runs
-import tools
+from extras import import_authors
+from extras.ablations import Autoencoder
+from extras.authors import NormGuided, guided_restore, variant_train_loss
+from extras.benchmarks import write_table
+from extras.export import Alg2Program
+from extras.folders import load_image
+from extras.inference import run_inference
+from extras.options import RunOptions, check_flags, config_and_options
 from test_diffusionad import make_mvtec_tree
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "docs"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from authors_check import pinned_inputs, pinned_variant_inputs  # noqa: E402  the inputs of the pinned values
 
 FACTS = json.loads((Path(__file__).parent / "authors_state_dicts.json").read_text())
@@ -31,11 +35,11 @@ def test_the_networks_are_the_authors_parameter_for_parameter():
     paper = FACTS["paper"]
     with torch.device("meta"):
         cfg = D.Config()
-        fields = authors.authors_config(paper["args"])
+        fields = import_authors.authors_config(paper["args"])
         assert {k: getattr(cfg, k) for k in fields if k != "channel_mult"} == \
             {k: v for k, v in fields.items() if k != "channel_mult"}  # the paper's defaults are their args1.json
-        denoiser, seg, ae = D.DenoisingUNet(cfg), D.SegmentationUNet(6, cfg.seg_channels), ablations.Autoencoder(128)
-    theirs_unet, theirs_seg = authors.authors_weights(paper["unet_model_state_dict"], paper["seg_model_state_dict"])
+        denoiser, seg, ae = D.DenoisingUNet(cfg), D.SegmentationUNet(6, cfg.seg_channels), Autoencoder(128)
+    theirs_unet, theirs_seg = import_authors.authors_weights(paper["unet_model_state_dict"], paper["seg_model_state_dict"])
     assert shapes(denoiser.state_dict()) == theirs_unet  # the same names (theirs) and shapes, nothing more
     assert shapes(seg.state_dict()) == theirs_seg  # DRAEM's discriminative net, under our names
     count = lambda m: sum(p.numel() for p in m.parameters())
@@ -95,12 +99,12 @@ def test_an_authors_checkpoint_imports_strictly_and_runs_every_command(tmp_path,
     assert "importing" in out and "32 px, base 32, multipliers 1,2,3,4, T = 1000" in out
     assert "evaluated as their eval.py (guided, t = 200,400, w = 1.0) unless eval --alg2" in out
     assert "note: params-best.pt is the epoch their train.py chose on the test split" in out
-    state, cfg, opts = runs.load_checkpoint(run / "ckpt.pt", D.Config)  # the documented way to the model
-    model = D.build_model(cfg, state).eval()
+    model, cfg = D.load(run, cls=D.DiffusionAD)  # their networks as the paper's DiffusionAD
+    state = torch.load(run / "ckpt.pt", weights_only=True)
     assert (cfg.img_size, cfg.base_channels, cfg.num_heads) == (32, 32, 4)
     assert all(torch.equal(model.denoiser.state_dict()[k], v) for k, v in unet.items())
     ours = model.seg.state_dict()
-    assert all(torch.equal(ours[k], v) for k, v in authors.authors_weights({}, seg)[1].items()) and len(ours) == len(seg)
+    assert all(torch.equal(ours[k], v) for k, v in import_authors.authors_weights({}, seg)[1].items()) and len(ours) == len(seg)
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         assert model.denoiser(x, torch.tensor([100, 200])).shape == (2, 3, 32, 32)  # predicts eps
@@ -118,17 +122,19 @@ def test_an_authors_checkpoint_imports_strictly_and_runs_every_command(tmp_path,
     assert "of 3 images flagged as anomalous" in capsys.readouterr().out
     predicted = [float(r.split(",")[1]) for r in (tmp_path / "p.csv").read_text().splitlines()[1:]]
     # export's module on the imported model: the guided inference (torch.export of a variant run: test_own_images)
-    program = tools.Alg2Program(tools.build_model(cfg, opts, state).eval(), cfg)
-    images = torch.stack([D.data.load_image(p, 32) for p in sorted((cls / "test" / "hole").iterdir())])
+    imported, _ = D.load(run)  # the run's own class: their released version
+    assert type(imported) is NormGuided and type(model) is D.DiffusionAD
+    program = Alg2Program(imported, cfg)
+    images = torch.stack([load_image(p, 32) for p in sorted((cls / "test" / "hole").iterdir())])
     with torch.no_grad():
         assert np.allclose(program(images)[1].numpy(), predicted, atol=1e-4)
     bench = tmp_path / "bench"  # a benchmark folder of imported classes: the table reads it
     bench.mkdir()
     run.rename(bench / "toy")
-    assert "| toy |" in runs.write_table(bench)
+    assert "| toy |" in write_table(bench)
 
 
-# Their values on authors_checkpoint(seed 0), `python docs/authors_check.py --authors A --pin PARAMS.pt` with their
+# Their values on authors_checkpoint(seed 0), `python scripts/authors_check.py --authors A --pin PARAMS.pt` with their
 # code (never needed here): the paper's Alg. 1 composed from their functions (calc_loss, predict_x_0_from_eps, clamp
 # (-1, 1), their seg net, train.py's BinaryFocalLoss and SmoothL1Loss) with L_noise over every image; their released
 # training step (norm_guided_one_step_denoising, same losses); their guided estimate
@@ -144,13 +150,14 @@ PINNED = {"alg1": {"noise": 0.9934352040290833, "mask": 0.22819361090660095, "to
 def test_alg1_and_the_authors_variant_equal_their_functions_on_pinned_values(tmp_path):
     authors_checkpoint(tmp_path / "p.pt")
     D.main(["import-authors", str(tmp_path / "p.pt"), "--out", str(tmp_path / "r")])
-    state, cfg, opts = runs.load_checkpoint(tmp_path / "r" / "ckpt.pt", D.Config)  # the documented way
-    assert (opts.variant, cfg.eval_t, opts.condition_w, opts.guide_t) == ("authors", "200,400", 1.0, 300)  # args1.json
-    fresh = lambda: D.build_model(cfg, state)
+    imported, cfg = D.load(tmp_path / "r")  # the documented way: the run's own class, their released version
+    assert (type(imported), cfg.eval_t, imported.w, imported.guide_t) == (NormGuided, (200, 400), 1.0, 300)  # args1.json
+    fresh = lambda: D.load(tmp_path / "r", cls=D.DiffusionAD)[0]  # their networks as the paper's DiffusionAD
+    opts = RunOptions(variant="authors", eval_batch=8, log_every=1e9)
     v = pinned_variant_inputs(cfg.img_size)  # x0, mask, is_normal, t_normal, t_noisier, eps_normal, eps_noisier
     with torch.no_grad():  # their guided estimate, and their eval.py's maps through our eval of the imported run
-        x0_hat = authors.guided_restore(fresh().eval(), v[0], *v[3:], 1.0).double()
-        maps = D.run_inference(tools.build_model(cfg, opts, state), v[0], cfg, opts, torch.device("cpu"))[0]
+        x0_hat = guided_restore(fresh().eval(), v[0], *v[3:], 1.0).double()
+        maps = run_inference(imported, v[0], cfg, opts, torch.device("cpu"))[0]
     assert abs(x0_hat.sum().item() - PINNED["guided"]["sum"]) < 1e-2
     assert abs(x0_hat.abs().sum().item() - PINNED["guided"]["abs_sum"]) < 1e-2
     assert np.allclose(x0_hat.flatten()[:4].numpy(), PINNED["guided"]["first"], atol=1e-5)
@@ -158,7 +165,7 @@ def test_alg1_and_the_authors_variant_equal_their_functions_on_pinned_values(tmp
     assert np.allclose(np.sort(maps.reshape(6, -1), 1)[:, -50:].mean(1), PINNED["eval_maps"]["scores"], atol=1e-5)
     x0, mask, t, eps = pinned_inputs(cfg.img_size)  # training mode (BatchNorm over the batch), as their train.py
     for name, out in (("alg1", fresh().train().train_loss(x0, mask, t, eps)),
-                      ("variant", authors.variant_train_loss(fresh().train(), *v, 1.0))):
+                      ("variant", variant_train_loss(fresh().train(), *v, 1.0))):
         for k, value in PINNED[name].items():
             assert abs(out[k].item() - value) < 1e-6, (name, k, out[k].item(), value)
     with torch.no_grad():  # over the normal half alone (the authors' later code), Alg. 1's L_noise would differ
@@ -202,7 +209,7 @@ def test_an_imported_run_without_data_and_bad_files_are_one_clear_line(tmp_path)
 
 
 def test_channels_per_head_set_the_heads_of_each_attention_layer():
-    cfg = runs.check(*runs.split({"img_size": 32, "base_channels": 16, "channel_mult": "1,2", "attn_resolutions": "32,16",
-                                  "num_head_channels": 8}, D.Config), D.channel_mult)[0]
+    cfg = check_flags(*config_and_options({"img_size": 32, "base_channels": 16, "channel_mult": (1, 2),
+                                     "attn_resolutions": (32, 16), "num_head_channels": 8}, D.Config), D.channel_mult)[0]
     heads = {m.norm.num_channels: m.heads for m in D.DenoisingUNet(cfg).modules() if isinstance(m, D.Attention)}
     assert heads == {16: 2, 32: 4}  # the authors' n_head_channels: width // channels per head

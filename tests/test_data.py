@@ -1,6 +1,6 @@
-"""Tests for data.py: every layout on small trees built here, every bad-input error, the synthesizer's
-properties, TrainSet determinism, the built-in synthetic set, the preview CLI, and the real data in
-../shared/data (skipped when absent)."""
+"""Tests for data.py and our data options (extras/anomalies.py, folders.py, checks.py, synthetic.py): every layout on
+small trees built here, every bad-input error, the synthesizer's properties, TrainSet determinism, the built-in
+synthetic set, the preview command, and the real data in ../shared/data (skipped when absent)."""
 import csv
 import shutil
 import time
@@ -14,8 +14,18 @@ from PIL import Image
 from scipy import ndimage
 
 import data
+import diffusionad as D
+from extras import anomalies, checks, folders
+from extras.authors import authors_batches
+from extras.options import RunOptions
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def make_ts(normal, foreground="auto", seed=0, texture_dir="", shape="perlin", fill="blend"):
+    """A run's TrainSet (extras/anomalies.trainset) of these options; its .kind: the foreground it resolved."""
+    cfg = D.Config(img_size=normal[0]["image"].shape[-1], foreground=foreground, seed=seed, texture_dir=str(texture_dir))
+    return anomalies.trainset(normal, cfg, RunOptions(anomaly_shape=shape, anomaly_fill=fill))
 
 
 # ---------------------------------------------------------------- helpers: tiny trees in tmp_path
@@ -139,7 +149,7 @@ def test_dagm_layout_never_trains_on_defective(tmp_path):
     root = make_dagm(tmp_path / "dagm" / "Class1")
     train = data.open_dataset(root, "train", 32)
     assert sorted(Path(train[i]["path"]).name for i in range(len(train))) == ["0001.PNG", "0003.PNG"]
-    assert train.layout == "dagm" and train.fg_kind == "texture"
+    assert train.layout == "dagm" and anomalies.foreground(train, "auto", 32)[0] == "texture"
     items = check_test_split(data.open_dataset(root, "test", 32), 1, 2)
     assert all(torch.equal(it["image"][0], it["image"][1]) for it in items)     # gray -> 3 equal channels
 
@@ -165,13 +175,13 @@ def test_any_pil_mode_and_size(tmp_path, mode):
 
 
 def test_load_image(tmp_path):
-    t = data.load_image(save(tmp_path / "x.jpg", gray(0, 30), "RGB"), 24)
+    t = folders.load_image(save(tmp_path / "x.jpg", gray(0, 30), "RGB"), 24)
     assert t.shape == (3, 24, 24) and t.dtype == torch.float32 and 0 <= t.min() <= t.max() <= 1
     (tmp_path / "bad.png").write_bytes(b"not an image")
     with pytest.raises(ValueError, match="bad.png"):
-        data.load_image(tmp_path / "bad.png", 24)
+        folders.load_image(tmp_path / "bad.png", 24)
     with pytest.raises(FileNotFoundError, match="nothere.png"):
-        data.load_image(tmp_path / "nothere.png", 24)
+        folders.load_image(tmp_path / "nothere.png", 24)
 
 
 # ---------------------------------------------------------------- bad input: clear errors naming the path
@@ -186,29 +196,31 @@ def test_missing_root_and_class(tmp_path):
 def test_unknown_layout_says_what_was_tried(tmp_path):
     (tmp_path / "weird" / "stuff").mkdir(parents=True)
     with pytest.raises(ValueError, match=r"(?s)weird.*no known layout.*MVTec.*VisA.*DAGM"):
-        data.open_dataset(tmp_path / "weird", "train", 32)
+        folders.open_data(tmp_path / "weird", "train", 32)
     make_mvtec(tmp_path / "mvtec" / "bottle")
     with pytest.raises(ValueError, match=r"holds 1 classes \(bottle\); pass one class"):  # a root, not a class
-        data.open_dataset(tmp_path / "mvtec", "train", 32)
+        folders.open_data(tmp_path / "mvtec", "train", 32)
+    with pytest.raises(ValueError, match="not a class folder of MVTec AD's layout, VisA or DAGM"):
+        data.open_dataset(tmp_path / "weird", "train", 32)  # data.py alone reads the paper's data sets
 
 
 def test_find_classes_of_each_benchmark_root(tmp_path):
     for name in ("bottle", "carpet"):
         make_mvtec(tmp_path / "mvtec" / name)
     (tmp_path / "mvtec" / "license_folder").mkdir()
-    assert [p.name for p in data.find_classes(tmp_path / "mvtec")] == ["bottle", "carpet"]
-    assert data.find_classes(tmp_path / "mvtec" / "bottle") == []                # a class is not a root
+    assert [p.name for p in folders.find_classes(tmp_path / "mvtec")] == ["bottle", "carpet"]
+    assert folders.find_classes(tmp_path / "mvtec" / "bottle") == []                # a class is not a root
     for n in (10, 2, 1):
         make_dagm(tmp_path / "DAGM" / f"Class{n}")
-    assert [p.name for p in data.find_classes(tmp_path / "DAGM")] == ["Class1", "Class2", "Class10"]
+    assert [p.name for p in folders.find_classes(tmp_path / "DAGM")] == ["Class1", "Class2", "Class10"]
     make_visa_raw(tmp_path / "VisA", "pcb1")
     make_visa_raw(tmp_path / "VisA2", "candle")                                # a second CSV, merged below
     rows = (tmp_path / "VisA2" / "split_csv" / "1cls.csv").read_text().splitlines()[1:]
     with open(tmp_path / "VisA" / "split_csv" / "1cls.csv", "a") as f:
         f.write("\n".join(rows) + "\n")
     shutil.copytree(tmp_path / "VisA2" / "candle", tmp_path / "VisA" / "candle")
-    assert [p.name for p in data.find_classes(tmp_path / "VisA")] == ["candle", "pcb1"]
-    assert data.find_classes(tmp_path / "nowhere") == []
+    assert [p.name for p in folders.find_classes(tmp_path / "VisA")] == ["candle", "pcb1"]
+    assert folders.find_classes(tmp_path / "nowhere") == []
 
 
 def test_check_split_reports_every_problem_without_decoding(tmp_path):
@@ -220,13 +232,13 @@ def test_check_split_reports_every_problem_without_decoding(tmp_path):
     jpg = save(tmp_path / "x.jpg", gray(0), "RGB")
     (good / "002.jpg").write_bytes(jpg.read_bytes()[:-100])                   # truncated JPEG
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(root / "ground_truth" / "crack" / "001_mask.png")
-    problems = data.check_split(data.open_dataset(root, "train", 32))
+    problems = checks.check_split(data.open_dataset(root, "train", 32))
     assert len(problems) == 3 and all(n in " ".join(problems) for n in ("000.png", "001.png", "002.jpg"))
     assert "truncated PNG" in problems[0] and "truncated JPEG" in problems[2]
-    problems = data.check_split(data.open_dataset(root, "test", 32))
+    problems = checks.check_split(data.open_dataset(root, "test", 32))
     assert len(problems) == 1 and "001_mask.png: mask is 32x32 but its image is 64x64" in problems[0]
-    assert data.check_split(data.open_dataset(make_mvtec(tmp_path / "ok"), "test", 32)) == []
-    assert data.probe(good / "003.png") == (64, 64)
+    assert checks.check_split(data.open_dataset(make_mvtec(tmp_path / "ok"), "test", 32)) == []
+    assert checks.probe(good / "003.png") == (64, 64)
 
 
 def test_every_missing_mask_is_named_at_once(tmp_path):
@@ -330,10 +342,8 @@ def test_bad_arguments(tmp_path):
     root = make_mvtec(tmp_path / "c")
     with pytest.raises(ValueError, match="split"):
         data.open_dataset(root, "val", 32)
-    with pytest.raises(ValueError, match="foreground"):
-        data.open_dataset(root, "train", 32, foreground="blob")
     with pytest.raises(ValueError, match="variant"):
-        data.open_dataset("synthetic/nope", "train", 32)
+        folders.open_data("synthetic/nope", "train", 32)
 
 
 # ---------------------------------------------------------------- the synthesizer (Sec. 3.3, Eq. 9)
@@ -360,13 +370,14 @@ def test_mask_binary_inside_foreground_and_outside_unchanged():
 def test_eq9_and_beta_bounds():
     N = normal_image()
     for seed in range(20):
-        S, M, A, beta = data.synthesize(N, None, np.random.default_rng(seed), beta_range=(0.2, 0.6), details=True)
-        assert 0.2 <= beta < 0.6
+        S, M, A, beta = data.synthesize(N, None, np.random.default_rng(seed), details=True)
+        assert 0.2 <= beta < 0.8
         m = M.astype(bool)
         np.testing.assert_allclose(S[m], beta * N[m] + (1 - beta) * A[m], atol=1e-6)
-    S, M, A, beta = data.synthesize(N, None, np.random.default_rng(0), beta_range=(0.3, 0.3), details=True)
+    source = normal_image(seed=5)
+    S, M, A, beta = data.synthesize(N, None, np.random.default_rng(0), fill=lambda N, rng: (source, 0.3), details=True)
     m = M.astype(bool) & (np.abs(N - A).min(axis=2) > 0.2)
-    assert m.any() and beta == 0.3
+    assert m.any() and beta == 0.3 and A is source
     np.testing.assert_allclose(((S - A) / (N - A))[m], 0.3, atol=1e-4)
 
 
@@ -380,21 +391,21 @@ def test_curve_masks_are_thin_strokes_and_mixed_uses_both():
     rng = np.random.default_rng(0)
     for size in (64, 256):
         for _ in range(20):
-            M = data.curves_mask(size, size, rng)
+            M = anomalies.curves_mask(size, size, rng)
             assert M.any() and M.mean() < 0.03                       # thin: a few % of the image at most
             eroded = ndimage.binary_erosion(M, np.ones((5, 5), bool))
             assert not eroded.any()                                  # nowhere 5 px thick
     img = np.full((64, 64, 3), 0.5, np.float32)
     shapes = []
     for i in range(40):
-        _, M = data.synthesize(img, None, np.random.default_rng(i), shape="mixed")
+        _, M = data.synthesize(img, None, np.random.default_rng(i), shape=anomalies.mixed)
         shapes.append(not ndimage.binary_erosion(M, np.ones((5, 5), bool)).any())
     assert 5 < sum(shapes) < 35                                      # both kinds occur
     a = data.synthesize(img, None, np.random.default_rng(1))                      # the paper's default...
-    b = data.synthesize(img, None, np.random.default_rng(1), shape="perlin")     # ...is Perlin
+    b = data.synthesize(img, None, np.random.default_rng(1), shape=anomalies.SHAPE["perlin"])     # ...is Perlin
     assert np.array_equal(a[1], b[1])
-    with pytest.raises(ValueError, match="shape must be one of"):
-        data.synthesize(img, None, rng, shape="blob")
+    with pytest.raises(SystemExit, match="--anomaly-shape must be one of perlin, curves, mixed, small"):
+        D.main(["train", "--anomaly-shape", "blob"])
 
 
 def test_same_seed_same_sample_different_seed_different():
@@ -409,7 +420,7 @@ def test_same_seed_same_sample_different_seed_different():
 def test_empty_mask_is_redrawn_and_empty_foreground_refused():
     F = np.zeros((64, 64), bool)
     F[30, 30] = True                                             # one pixel: Perlin rarely hits it
-    S, M = data.synthesize(normal_image(), F, np.random.default_rng(0), threshold=0.99)
+    M = data.perlin_mask(F, np.random.default_rng(0), threshold=0.99)
     assert M.sum() == 1 and M[30, 30] == 1
     with pytest.raises(ValueError, match="empty foreground"):
         data.synthesize(normal_image(), np.zeros((64, 64), bool), np.random.default_rng(0))
@@ -429,12 +440,15 @@ def test_perlin_tiles_and_augmentations():
     for name, op in data.AUGMENTATIONS.items():
         y = op(x, rng)
         assert y.shape == x.shape and 0 <= y.min() and y.max() <= 1, name
+    for shape in ((64, 64, 3), (37, 120, 3), (3, 5, 3)):  # the numpy box filter is scipy's, bit for bit
+        x = rng.random(shape, dtype=np.float32) ** np.float32(1.7)
+        assert np.array_equal(data.box3(x), ndimage.uniform_filter(x, (3, 3, 1)))
 
 
 # ---------------------------------------------------------------- TrainSet
 def test_trainset_items_and_determinism():
-    normal = data.open_dataset("synthetic", "train", 32)
-    ts = data.TrainSet(normal, seed=3)
+    normal = folders.open_data("synthetic", "train", 32)
+    ts = make_ts(normal, seed=3)
     it, plain = ts[5], ts[(0, 5, False)]
     assert set(it) == set(plain) == {"image", "mask", "source", "label", "path"}
     assert it["image"].shape == it["source"].shape == (3, 32, 32) and it["mask"].shape == (1, 32, 32)
@@ -442,11 +456,13 @@ def test_trainset_items_and_determinism():
     assert not torch.equal(it["image"], normal[5]["image"])
     assert torch.equal(plain["image"], normal[5]["image"]) and torch.equal(plain["source"], plain["image"])
     assert plain["mask"].sum() == 0
-    again = data.TrainSet(data.open_dataset("synthetic", "train", 32), seed=3)[5]
+    again = make_ts(folders.open_data("synthetic", "train", 32), seed=3)[5]
     assert torch.equal(it["image"], again["image"]) and torch.equal(ts[(0, 5, True)]["image"], it["image"])
     ts.set_epoch(1)
     assert not torch.equal(ts[5]["image"], it["image"])
-    assert not torch.equal(data.TrainSet(normal, seed=4)[5]["image"], it["image"])
+    assert not torch.equal(make_ts(normal, seed=4)[5]["image"], it["image"])
+    plain_ts = data.TrainSet(normal, seed=3)  # data.py alone: the whole image as the foreground, self-augmentation
+    assert plain_ts.sample(5)["foreground"].all() and plain_ts[5]["mask"].sum() > 0
 
 
 def test_a_step_takes_distinct_images_half_normal_half_synthetic():
@@ -461,19 +477,19 @@ def test_a_step_takes_distinct_images_half_normal_half_synthetic():
     assert not {k[1] for s in ranks[0] for k in s} & {k[1] for s in ranks[1] for k in s}  # 2 steps of 12 images
 
 
-def test_the_authors_batches_are_independent_draws_half_synthetic_and_resumable():
-    keys = list(data.independent_batches(160, 16, seed=0, start=0, total=20))  # 10 steps per epoch
+def test_the_authors_batches_take_each_image_once_per_epoch_by_a_coin_and_are_resumable():
+    keys = list(authors_batches(160, 16, seed=0, start=0, total=20))  # 10 steps per epoch
     for e in (0, 1):  # every image once per epoch, each normal or synthetic by its own coin
         epoch = [k for step in keys[10 * e: 10 * e + 10] for k in step]
         assert sorted(k[1] for k in epoch) == list(range(160)) and {k[0] for k in epoch} == {e}
         assert 50 < sum(k[2] for k in epoch) < 110  # about half synthetic (p = 1/2), not a fixed split per step
     assert len({tuple(k[2] for k in step) for step in keys}) > 10
-    assert list(data.independent_batches(160, 16, 0, 7, 20)) == keys[7:]  # a resumed run draws the same
-    assert list(data.independent_batches(160, 16, 1, 0, 20)) != keys
+    assert list(authors_batches(160, 16, 0, 7, 20)) == keys[7:]  # a resumed run draws the same
+    assert list(authors_batches(160, 16, 1, 0, 20)) != keys
 
 
 def test_trainset_same_batches_for_any_number_of_workers():
-    ts = data.TrainSet(data.open_dataset("synthetic", "train", 32), seed=1)
+    ts = make_ts(folders.open_data("synthetic", "train", 32), seed=1)
     batches = [data.step_keys(b, 2) for b in ([0, 7, 9, 11, 12, 13], [3, 4, 5, 14, 15, 16], [100, 1, 2, 6, 8, 10])]
     runs = [list(torch.utils.data.DataLoader(ts, batch_sampler=batches, num_workers=w)) for w in (0, 2)]
     for a, b in zip(*runs):
@@ -485,26 +501,25 @@ def test_trainset_same_batches_for_any_number_of_workers():
 def test_foreground_auto_rules(tmp_path):
     make_mvtec(tmp_path / "mvtec" / "carpet")
     make_mvtec(tmp_path / "mvtec" / "bottle")
-    assert data.TrainSet(data.open_dataset(tmp_path / "mvtec" / "carpet", "train", 32)).foreground == "texture"
-    assert data.TrainSet(data.open_dataset(tmp_path / "mvtec" / "bottle", "train", 32)).foreground == "object"
-    ds = data.open_dataset(tmp_path / "mvtec" / "bottle", "train", 32, foreground="none")
-    assert data.TrainSet(ds).foreground == "none"
-    assert data.TrainSet(ds, foreground="texture").foreground == "texture"        # TrainSet's choice wins
+    assert make_ts(data.open_dataset(tmp_path / "mvtec" / "carpet", "train", 32)).kind == "texture"
+    assert make_ts(data.open_dataset(tmp_path / "mvtec" / "bottle", "train", 32)).kind == "object"
+    ds = data.open_dataset(tmp_path / "mvtec" / "bottle", "train", 32)
+    assert make_ts(ds, foreground="none").kind == "none" and make_ts(ds, foreground="none").foreground is None
+    assert make_ts(ds, foreground="texture").kind == "texture"                     # the flag wins
     obj = tmp_path / "unknown"                                   # an estimate: plain border + a blob
     for i in range(4):
         img = np.full((64, 64, 3), 30, np.uint8)
         img[disk(64, 0.2 + 0.02 * i)] = (200, 180, 60)
         save(obj / "train" / "good" / f"{i}.png", img)
     (obj / "test" / "good").mkdir(parents=True)
-    assert data.TrainSet(data.open_dataset(obj, "train", 32)).foreground == "object"
-    assert data.TrainSet(data.open_dataset(tmp_path / "mvtec" / "carpet", "train", 32),
-                         foreground="object").foreground == "object"
+    assert make_ts(data.open_dataset(obj, "train", 32)).kind == "object"
+    assert make_ts(data.open_dataset(tmp_path / "mvtec" / "carpet", "train", 32), foreground="object").kind == "object"
     with pytest.raises(ValueError, match="foreground"):
-        data.TrainSet(ds, foreground="mask")                     # no CLASS/foreground folder
+        make_ts(ds, foreground="mask")                           # no CLASS/foreground folder
 
 
 def test_texture_foreground_is_a_rectangle():
-    ts = data.TrainSet(data.open_dataset("synthetic", "train", 32), foreground="texture")
+    ts = make_ts(folders.open_data("synthetic", "train", 32), foreground="texture")
     sizes = set()
     for i in range(8):
         F = ts.sample(i)["foreground"]
@@ -521,13 +536,13 @@ def test_foreground_folder_is_used_and_missing_file_falls_back(tmp_path):
     left[:, :32] = 255
     for i in range(2):                                           # image 002 has no foreground file
         save(root / "foreground" / f"{i:03d}.png", left)
-    ts = data.TrainSet(data.open_dataset(root, "train", 32), seed=0)
-    assert ts.foreground == "mask"
+    ts = make_ts(data.open_dataset(root, "train", 32), seed=0)
+    assert ts.kind == "mask"
     for i in range(2):
         for e in range(3):
             ts.set_epoch(e)
             assert ts[i]["mask"][0, :, 16:].sum() == 0 and ts[i]["mask"].sum() > 0
-    with pytest.warns(UserWarning, match="no foreground file"):
+    with pytest.warns(UserWarning, match="no foreground for .*002.png: using the whole image"):
         assert ts[2]["mask"].sum() > 0
 
 
@@ -536,7 +551,7 @@ def test_failing_foreground_estimate_falls_back_and_warns_once(tmp_path):
     for i in range(4):
         save(root / "train" / "good" / f"{i}.png", np.full((32, 32), 128, np.uint8))
     (root / "test" / "good").mkdir(parents=True)
-    ts = data.TrainSet(data.open_dataset(root, "train", 32), foreground="object")
+    ts = make_ts(data.open_dataset(root, "train", 32), foreground="object")
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         for e in range(2):
@@ -551,8 +566,8 @@ def test_the_authors_foreground_folders_are_read_as_they_are(tmp_path):
     soft[:, :32], soft[:, 32:40] = 255, 100                     # a DIS mask: soft edge below half its range
     for i in range(3):
         save(obj / "DISthresh" / "good" / f"{i:03d}.png", soft)  # CLASS/DISthresh/good/<stem>.png
-    ts = data.TrainSet(data.open_dataset(obj, "train", 32), seed=0)
-    assert ts.foreground == "mask"
+    ts = make_ts(data.open_dataset(obj, "train", 32), seed=0)
+    assert ts.kind == "mask"
     for i in range(3):
         F = ts.sample(i)["foreground"]
         assert F[:, :16].all() and not F[:, 16:].any() and not (ts.sample(i)["mask"].astype(bool) & ~F).any()
@@ -562,7 +577,7 @@ def test_the_authors_foreground_folders_are_read_as_they_are(tmp_path):
         m = np.zeros((64, 64), np.uint8)
         m[x:x + 32] = 255
         parts.append(save(tex / "thresh" / f"{k:03d}.png", m))
-    ts = data.TrainSet(data.open_dataset(tex, "train", 32), seed=0)
+    ts = make_ts(data.open_dataset(tex, "train", 32), seed=0)
     seen = set()
     for e in range(12):
         ts.set_epoch(e)
@@ -571,7 +586,7 @@ def test_the_authors_foreground_folders_are_read_as_they_are(tmp_path):
         assert F.sum() == 16 * 32 and rows.max() - rows.min() == 15
         seen.add(int(rows.min()))
     assert seen == {0, 8, 16}                                    # each of the three files, none invented
-    assert data.TrainSet(data.open_dataset(make_mvtec(tmp_path / "mvtec" / "zipper"), "train", 32)).foreground \
+    assert make_ts(data.open_dataset(make_mvtec(tmp_path / "mvtec" / "zipper"), "train", 32)).kind \
         == "texture"                                             # zipper is a texture in the authors' code
 
 
@@ -585,7 +600,7 @@ def test_texture_classes_take_dtd_objects_half_of_the_time_and_dtd_is_not_tile_s
         (tmp_path / kind / "test" / "good").mkdir(parents=True)
     sources = {}
     for kind in ("carpet", "bottle"):
-        ts = data.TrainSet(data.open_dataset(tmp_path / kind, "train", 64), texture_dir=tmp_path / "dtd")
+        ts = make_ts(folders.open_data(tmp_path / kind, "train", 64), texture_dir=tmp_path / "dtd")
         A = [ts.sample(i, e)["anomaly"][..., 0] for e in range(6) for i in range(8)]
         dtd = [np.ptp(a, axis=1).max() < 1e-5 for a in A]       # constant along x: a texture, as it is
         assert all(d or np.ptp(a, axis=0).max() > 0.05 for a, d in zip(A, dtd))  # else tiles broke the x ramp
@@ -596,23 +611,23 @@ def test_texture_classes_take_dtd_objects_half_of_the_time_and_dtd_is_not_tile_s
 def test_texture_dir(tmp_path):
     for i in range(2):
         save(tmp_path / "dtd" / "sub" / f"t{i}.jpg", (np.random.default_rng(i).random((40, 50, 3)) * 255).astype(np.uint8))
-    normal = data.open_dataset("synthetic", "train", 32)
-    p = data.TrainSet(normal, texture_dir=tmp_path / "dtd").sample(0)
-    q = data.TrainSet(normal).sample(0)
+    normal = folders.open_data("synthetic", "train", 32)
+    p = make_ts(normal, texture_dir=tmp_path / "dtd").sample(0)
+    q = make_ts(normal).sample(0)
     assert p["anomaly"].shape == (32, 32, 3) and not np.allclose(p["anomaly"], q["anomaly"])
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no images"):
-        data.TrainSet(normal, texture_dir=tmp_path / "empty")
+        make_ts(normal, texture_dir=tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="nope"):
-        data.TrainSet(normal, texture_dir=tmp_path / "nope")
+        make_ts(normal, texture_dir=tmp_path / "nope")
 
 
 # ---------------------------------------------------------------- the built-in synthetic set
 @pytest.mark.parametrize("variant", ["texture", "object"])
 def test_synthetic_set(variant):
     t0 = time.time()
-    train = data.open_dataset(f"synthetic/{variant}", "train", 64)
-    test = data.open_dataset(f"synthetic/{variant}", "test", 64)
+    train = folders.open_data(f"synthetic/{variant}", "train", 64)
+    test = folders.open_data(f"synthetic/{variant}", "test", 64)
     tr, te = [train[i] for i in range(len(train))], [test[i] for i in range(len(test))]
     assert time.time() - t0 < 5                                  # all 260 images, generated in memory
     assert len(tr) == 200 and len(te) == 60 and sum(it["label"] for it in te) == 30
@@ -620,7 +635,7 @@ def test_synthetic_set(variant):
     for it in te:
         assert (it["mask"].sum() > 0) == bool(it["label"]) and (it["defect"] == "good") == (not it["label"])
     assert {it["defect"] for it in te} == {"good", "scratch", "spot", "missing", "stain"}
-    other = data.open_dataset(f"synthetic/{variant}", "test", 64)
+    other = folders.open_data(f"synthetic/{variant}", "test", 64)
     assert all(torch.equal(te[i]["image"], other[i]["image"]) for i in range(0, 60, 7))     # deterministic
     imgs = torch.stack([it["image"] for it in tr])
     assert imgs.std(0).mean() > 0.02                             # normal images vary...
@@ -628,12 +643,12 @@ def test_synthetic_set(variant):
     if variant == "object":                                      # anomalies only on the object
         for i in range(30, 60):
             assert not (test[i]["mask"][0].numpy().astype(bool) & ~test.foreground_mask(i)).any()
-    assert data.open_dataset("synthetic", "train", 64).category == "texture"
+    assert folders.open_data("synthetic", "train", 64).category == "texture"
 
 
 def test_synthetic_anomalies_change_every_masked_pixel():
     """Exact masks: an anomaly's pixels differ from the good texture around them."""
-    test = data.open_dataset("synthetic", "test", 64)
+    test = folders.open_data("synthetic", "test", 64)
     for i in range(30, 60):
         it = test[i]
         m, img = it["mask"][0].bool(), it["image"]
@@ -643,10 +658,10 @@ def test_synthetic_anomalies_change_every_masked_pixel():
         assert (inside - ring).abs().max() > 0.1, it["defect"]
 
 
-# ---------------------------------------------------------------- preview CLI
+# ---------------------------------------------------------------- preview
 def test_preview_cli(tmp_path, capsys):
     out = tmp_path / "grid.png"
-    data.main(["preview", "--data", "synthetic", "--out", str(out), "--n", "3", "--img-size", "32"])
+    D.main(["preview", "--data", "synthetic", "--out", str(out), "--n", "3", "--img-size", "32"])
     assert Image.open(out).size == (4 * 32 + 3 * 4, 3 * 32 + 2 * 4)
     assert "N | A | M | S" in capsys.readouterr().out
 
@@ -670,7 +685,7 @@ def test_real_dagm_class8():
         it = test[i]
         assert it["image"].shape == (3, 64, 64) and torch.equal(it["image"][0], it["image"][2])
         assert (it["mask"].sum() > 0) == bool(it["label"])
-    assert data.TrainSet(train).foreground == "texture"
+    assert make_ts(train).kind == "texture"
 
 
 def test_real_magnetic_tile():
@@ -682,7 +697,7 @@ def test_real_magnetic_tile():
     i = next(k for k, r in enumerate(test.records) if r[3] == "blowhole")
     gt = np.asarray(Image.open(test.records[i][1]).resize((64, 64), Image.NEAREST)) > 0
     np.testing.assert_array_equal(test[i]["mask"][0].numpy().astype(bool), gt)
-    assert data.TrainSet(train).foreground == "texture"          # the automatic estimate: no plain border
+    assert make_ts(train).kind == "texture"                      # the automatic estimate: no plain border
 
 
 def test_real_visa_csv(tmp_path):
@@ -697,7 +712,7 @@ def test_real_visa_csv(tmp_path):
                 (tmp_path / p).touch()
     train, test = data.open_dataset(tmp_path / "cashew", "train", 32), data.open_dataset(tmp_path / "cashew", "test", 32)
     assert (len(train), len(test), sum(r[2] for r in test.records)) == (450, 150, 100)
-    assert train.fg_kind == "object"
+    assert anomalies.foreground(train, "auto", 32)[0] == "object"
     (tmp_path / rows[-1]["image"]).unlink()
     with pytest.raises(FileNotFoundError, match=rows[-1]["image"]):
         data.open_dataset(tmp_path / "cashew", "test", 32)
@@ -707,29 +722,30 @@ def test_small_marks_are_pcb_sized_soft_edged_and_invert_gives_the_other_materia
     rng = np.random.default_rng(0)
     for size in (64, 256):
         for _ in range(30):
-            soft = data.small_mask(size, size, rng)
+            soft = anomalies.small_mask(size, size, rng)
             M = soft >= 0.5
             lab, n = ndimage.label(soft > 0, np.ones((3, 3), bool))
             assert 1 <= n <= 4 and M.mean() < 0.01                          # a few small marks
             sides = [max(s.stop - s.start for s in sl) for sl in ndimage.find_objects(lab)]
             assert max(sides) <= 0.08 * size + 4                              # at most ~24 px at 256
             assert ((soft > 0) & (soft < 1)).any()                            # anti-aliased edges
-    hard = data.small_mask(64, 64, np.random.default_rng(1), k=1)
+    hard = anomalies.small_mask(64, 64, np.random.default_rng(1), k=1)
     assert set(np.unique(hard)) <= {0.0, 1.0} and hard.any()
     board = (np.random.default_rng(1).random((64, 64)) > 0.5).astype(np.float32)  # a binarised image
     board = np.repeat(board[..., None], 3, axis=2)
     for i in range(10):
-        S, M = data.synthesize(board, None, np.random.default_rng(i), shape="small", fill="invert")
+        S, M = data.synthesize(board, None, np.random.default_rng(i), shape=anomalies.small, fill=anomalies.invert)
         m = M.astype(bool)
         assert (np.abs(S - board)[m] >= 0.5).all()                  # towards the other material, at least half
         change = np.abs(S - board).max(axis=2)
         assert np.array_equal(change >= 0.5, m)                     # M: exactly the pixels that changed by half or more
         assert ((change > 0) & (change < 0.5)).any()                # a soft rim around the marks, unlabelled
     a = data.synthesize(board, None, np.random.default_rng(3))                          # the paper's default ...
-    b = data.synthesize(board, None, np.random.default_rng(3), shape="perlin", fill="blend")  # ... is unchanged
+    b = data.synthesize(board, None, np.random.default_rng(3), shape=anomalies.SHAPE["perlin"],
+                        fill=anomalies.FILL["blend"])  # ... is unchanged
     assert np.array_equal(a[0], b[0])
-    with pytest.raises(ValueError, match="fill must be one of"):
-        data.synthesize(board, None, rng, fill="paint")
-    ts = data.TrainSet(data.open_dataset("synthetic", "train", 32), shape="small", fill="invert")
+    with pytest.raises(SystemExit, match="--anomaly-fill must be one of blend, invert"):
+        D.main(["train", "--anomaly-fill", "paint"])
+    ts = make_ts(folders.open_data("synthetic", "train", 32), shape="small", fill="invert")
     s = ts.sample(0)
     assert (np.abs(s["synthetic"] - s["image"])[s["mask"] > 0] >= 0.5 * np.abs(1 - 2 * s["image"])[s["mask"] > 0]).all()

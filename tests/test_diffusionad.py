@@ -15,21 +15,21 @@ import pytest
 import torch
 from PIL import Image
 
-import ablations
 import data
 import diffusionad as D
-import runs
-import tools
+from extras import ablations, anomalies, checkpoints, options, reports, speed
+from extras import run as runs
+from extras.inference import batched_maps, inference_noise, run_inference
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY = dict(img_size=32, base_channels=16, channel_mult="1,2", attn_resolutions="16", num_heads=4,
+TINY = dict(img_size=32, base_channels=16, channel_mult=(1, 2), attn_resolutions=(16,), num_heads=4,
             seg_channels=4, batch_size=6, workers=0, eval_batch=16, log_every=1000.0)
 
 
 def tiny(**kw):
     """(Config, RunOptions) of a tiny model; kw: fields of either."""
-    return runs.check(*runs.split({**TINY, **kw}, D.Config), D.channel_mult)
+    return options.check_flags(*options.config_and_options({**TINY, **kw}, D.Config), D.channel_mult)
 
 
 def tiny_cfg(**kw):
@@ -39,7 +39,7 @@ def tiny_cfg(**kw):
 def tiny_flags(**kw):
     flags = []
     for k, v in {**TINY, **kw}.items():
-        flags += [f"--{k.replace('_', '-')}", str(v)]
+        flags += [f"--{k.replace('_', '-')}", ",".join(map(str, v)) if isinstance(v, tuple) else str(v)]
     return flags
 
 
@@ -76,9 +76,9 @@ def test_eq2_eq5_round_trip_with_true_noise():
     assert torch.allclose(model.predict_x0(x_t, t, eps)[:3], x0[:3], atol=1e-5)
 
 
-@pytest.mark.parametrize("size,mult", [(32, "1,2"), (64, "1,2,2"), (128, "1,1,2,2")])
+@pytest.mark.parametrize("size,mult", [(32, (1, 2)), (64, (1, 2, 2)), (128, (1, 1, 2, 2))])
 def test_network_output_shapes(size, mult):
-    cfg = tiny_cfg(img_size=size, channel_mult=mult, attn_resolutions="16,8")
+    cfg = tiny_cfg(img_size=size, channel_mult=mult, attn_resolutions=(16, 8))
     model = D.DiffusionAD(cfg)
     x = torch.rand(2, 3, size, size)
     assert model.denoiser(x, torch.tensor([0, 999])).shape == (2, 3, size, size)
@@ -86,13 +86,13 @@ def test_network_output_shapes(size, mult):
 
 
 def test_cpu_preset_keeps_a_16_px_bottom_level_at_any_size():
-    both = lambda *flags: runs.options_from(argparse_train(list(flags)), D.Config)
+    both = lambda *flags: options.from_flags(argparse_train(list(flags)), D.Config)
     parse = lambda *flags: both(*flags)[0]
-    assert parse("--preset", "cpu").channel_mult == "1,2,4"
-    assert parse("--preset", "cpu", "--img-size", "256").channel_mult == "1,2,2,4,4"
+    assert parse("--preset", "cpu").channel_mult == (1, 2, 4)
+    assert parse("--preset", "cpu", "--img-size", "256").channel_mult == (1, 2, 2, 4, 4)
     assert both("--preset", "cpu")[1].eval_batch == 16 and both("--preset", "cpu", "--img-size", "256")[1].eval_batch == 4
-    assert parse("--preset", "cpu", "--img-size", "256", "--channel-mult", "1,2,4").channel_mult == "1,2,4"
-    assert parse("--img-size", "256").channel_mult == ""  # the paper's: by size, in channel_mult()
+    assert parse("--preset", "cpu", "--img-size", "256", "--channel-mult", "1,2,4").channel_mult == (1, 2, 4)
+    assert parse("--img-size", "256").channel_mult == ()  # the paper's: by size, in channel_mult()
     recipe = lambda *flags: both(*flags)[1]
     assert recipe("--preset", "cpu").lr_schedule == "cosine" and recipe().lr_schedule == "constant"  # paper: constant
     assert recipe("--preset", "cpu", "--lr-schedule", "constant").lr_schedule == "constant"
@@ -101,19 +101,19 @@ def test_cpu_preset_keeps_a_16_px_bottom_level_at_any_size():
 def argparse_train(flags):
     import argparse
     p = argparse.ArgumentParser()
-    runs.add_flags(p, D.Config, runs.RunOptions)
+    options.add_flags(p, D.Config)
     return p.parse_args(flags)
 
 
 def test_empty_attention_list_gives_a_fully_convolutional_denoiser():
-    net = D.DenoisingUNet(tiny_cfg(attn_resolutions=""))
+    net = D.DenoisingUNet(tiny_cfg(attn_resolutions=()))
     assert not any(isinstance(m, D.Attention) for m in net.modules())
     assert net(torch.rand(1, 3, 64, 64), torch.tensor([5])).shape == (1, 3, 64, 64)  # any size: convolutional
     assert sum(isinstance(m, D.Attention) for m in D.DenoisingUNet(tiny_cfg()).modules()) > 1
 
 
 def test_paper_size_builds_with_default_multipliers():
-    cfg = runs.check(D.Config(img_size=256, base_channels=32, seg_channels=4), runs.RunOptions(), D.channel_mult)[0]
+    cfg = options.check_flags(D.Config(img_size=256, base_channels=32, seg_channels=4), options.RunOptions(), D.channel_mult)[0]
     assert D.channel_mult(cfg) == (1, 1, 2, 2, 4, 4)
     assert D.DenoisingUNet(cfg)(torch.rand(1, 3, 256, 256), torch.tensor([5])).shape == (1, 3, 256, 256)
     by_size = {s: D.channel_mult(D.Config(img_size=s)) for s in (32, 64, 128)}
@@ -194,7 +194,7 @@ def test_alg2_is_a_loop_over_time_steps_and_the_batched_path_equals_it():
         maps, scores, rec = model.anomaly_maps(x0, (100, 200), noise)
         m1, x1 = model.anomaly_map(x0, torch.full((3,), 100), noise[0].expand(3, -1, -1, -1))
         m2, x2 = model.anomaly_map(x0, torch.full((3,), 200), noise[1].expand(3, -1, -1, -1))
-        fast = D.batched_maps(model, x0, (100, 200), noise)
+        fast = batched_maps(model, x0, (100, 200), noise)
     assert torch.equal(maps, (m1 + m2) / 2) and torch.equal(rec, torch.stack([x1, x2]))
     top = ((m1 + m2) / 2).flatten(1).topk(50, dim=1).values.mean(1)
     assert torch.allclose(scores, top, atol=1e-6)
@@ -223,7 +223,7 @@ def test_train_t_limits_the_sampled_time_steps(monkeypatch, tmp_path, parts):
     with pytest.raises(SystemExit, match="--train-t"):
         tiny(train_t=1001)
     with pytest.raises(SystemExit, match=r"--eval-t needs time steps in \[0, 999\]"):
-        tiny(eval_t="100,1000")
+        tiny(eval_t=(100, 1000))
 
 
 def test_random_crops_keep_the_anomaly():
@@ -231,7 +231,7 @@ def test_random_crops_keep_the_anomaly():
     mask = torch.zeros(2, 1, 64, 64)
     mask[1, 0, 60:63, 2:5] = 1  # a small anomaly in a corner of the synthetic image
     for seed in range(20):
-        xc, mc = data.random_crops(x0, mask, 32, torch.Generator().manual_seed(seed))
+        xc, mc = anomalies.random_crops(x0, mask, 32, torch.Generator().manual_seed(seed))
         assert xc.shape == (2, 3, 32, 32) and mc.shape == (2, 1, 32, 32)
         assert mc[0].sum() == 0 and mc[1].sum() > 0
         top, left = divmod(int(xc[1, 0, 0, 0]) - 3 * 64 * 64, 64)  # the window's corner, from the pixel ids
@@ -244,8 +244,8 @@ def test_random_crops_keep_the_anomaly():
 @pytest.mark.parametrize("ablation", ["seg-only", "ae", "denoise-only"])
 def test_ablations_train_and_infer(ablation):
     cfg, opts = tiny(ablation=ablation)
-    model = ablations.build_model(cfg, opts)
-    assert type(model) is ablations.model_class(opts) and type(model) is not D.DiffusionAD
+    model = D.build_model(cfg, cls=D.model_class(opts), opts=opts)
+    assert type(model) is D.model_class(opts) and type(model) is not D.DiffusionAD
     x0, mask, clean = fixed_batch(source=True)
     out = model(x0, mask, *draws(x0), clean)
     out["total"].backward()
@@ -254,11 +254,9 @@ def test_ablations_train_and_infer(ablation):
                         "denoise-only": {"noise", "total"}}[ablation]
     with torch.inference_mode():
         maps, scores, _ = model.eval().anomaly_maps(x0, (100, 200), torch.randn(2, 3, 32, 32))
-        fast = D.batched_maps(model, x0, (100, 200), torch.randn(2, 3, 32, 32))
+        fast = batched_maps(model, x0, (100, 200), torch.randn(2, 3, 32, 32))
     assert maps.shape == (6, 32, 32) and scores.shape == (6,) and fast[0].shape == (6, 32, 32)
-    assert D.uses_time_steps(model) == (ablation == "denoise-only")
-    with pytest.raises(ValueError, match=f"Table 3's --ablation {ablation}: build it with tools.build_model"):
-        D.build_model(cfg, {"config": {"ablation": ablation}})
+    assert model.time_steps == (ablation == "denoise-only")
 
 
 # ---------------------------------------------------------------- runs, checkpoints, resume
@@ -273,9 +271,10 @@ def test_same_seed_same_run_and_checkpoint_loads_weights_only(tmp_path, parts):
     assert len(la) == 4 and [r.split(",")[1:5] for r in la] == [r.split(",")[1:5] for r in lb]
     ck = torch.load(folders[0] / "ckpt.pt", weights_only=True)
     assert ck["step"] == 3 and ck["config"]["max_steps"] == 3 and "optimizer" in ck
-    state, cfg, opts = runs.load_checkpoint(folders[0] / "ckpt.pt", D.Config)  # the documented way to the model
-    model = D.build_model(cfg, state)
+    model, cfg = D.load(folders[0])  # the documented way to a run's model
     assert torch.equal(model.denoiser.state_dict()["down.0.0.weight"], ck["denoiser"]["down.0.0.weight"])
+    assert cfg == tiny()[0] and not model.training and type(model) is D.DiffusionAD
+    assert torch.equal(D.load(folders[0] / "ckpt.pt")[0].seg.out.weight, model.seg.out.weight)
     c = D.train(*tiny(data=str(parts), holdout=0, max_steps=3, seed=1, device="cpu", out=str(tmp_path / "c")))
     assert not torch.equal(weights(c)["denoiser.down.0.0.weight"], wa["denoiser.down.0.0.weight"])
 
@@ -329,10 +328,8 @@ def test_resume_errors(tmp_path, parts):
         D.train(*quick(max_steps=2, lr=1e-3, out=str(tmp_path / "r")), resume=True)
     with pytest.raises(SystemExit, match=r"train_t: checkpoint 0 vs requested 300"):  # a recipe option is fixed too
         D.train(*quick(max_steps=2, train_t=300, out=str(tmp_path / "r")), resume=True)
-    state = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)
-    torch.save({**state, "version": 2}, tmp_path / "r" / "ckpt.pt")  # L_noise over the normal half
-    with pytest.raises(SystemExit, match=r"checkpoint format 2\); this version averages it over every image"):
-        D.train(*quick(max_steps=2, out=str(tmp_path / "r")), resume=True)
+    with pytest.raises(SystemExit, match="--variant authors draws its time steps by --guide-t: drop --train-t"):
+        tiny(variant="authors", train_t=300)
     with pytest.raises(SystemExit, match="exists: pass --resume"):
         D.train(*quick(max_steps=2, out=str(tmp_path / "r")))
 
@@ -376,31 +373,37 @@ def test_bad_config_and_flags():
         D.main(["train", "--base", "64"])
 
 
+def test_a_value_that_is_not_a_number_and_a_bench_of_nothing_are_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        D.main(["train", "--eval-t", "1o0"])
+    assert e.value.code == 2 and "argument --eval-t: must be comma-separated integers, got '1o0'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="bench: --train-steps and --n-images must be >= 1, got 0 and 8"):
+        D.main(["bench", "--train-steps", "0"])
+
+
 def test_checkpoint_of_another_kind_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.pt"
     torch.save({"weights": torch.zeros(2)}, bad)
     with pytest.raises(SystemExit, match="not a DiffusionAD checkpoint"):
-        runs.load_checkpoint(bad, D.Config)
+        checkpoints.load_checkpoint(bad, D.Config)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit, match="junk.pt: not a readable"):
-        runs.load_checkpoint(tmp_path / "junk.pt", D.Config)
+        checkpoints.load_checkpoint(tmp_path / "junk.pt", D.Config)
     model = D.DiffusionAD(tiny_cfg())
-    runs.save_checkpoint(tmp_path / "new.pt", model, torch.optim.Adam(model.parameters()), 0, *tiny())
-    assert runs.load_checkpoint(tmp_path / "new.pt", D.Config)[1:] == tiny()
+    checkpoints.save_checkpoint(tmp_path / "new.pt", model, torch.optim.Adam(model.parameters()), 0, *tiny())
+    assert checkpoints.load_checkpoint(tmp_path / "new.pt", D.Config)[1:] == tiny()
     state = torch.load(tmp_path / "new.pt", weights_only=True)
-    torch.save({**state, "version": 2, "config": {**state["config"], "clamp": "-1,1", "seg_grad": "full"}},
-               tmp_path / "v2.pt")  # L_noise over the normal half, options since removed at their only value: loads
-    assert runs.load_checkpoint(tmp_path / "v2.pt", D.Config)[1:] == tiny()
-    torch.save({**state, "version": 2, "config": {**state["config"], "clamp": "0,1"}}, tmp_path / "v2c.pt")
-    with pytest.raises(SystemExit, match="v2c.pt: trained with --clamp 0,1, an option this version no longer has"):
-        runs.load_checkpoint(tmp_path / "v2c.pt", D.Config)
-    del state["version"]  # an earlier version's checkpoint: other networks, 1-based t
-    torch.save(state, tmp_path / "old.pt")
-    with pytest.raises(SystemExit, match="old.pt: written by an earlier version of diffusionad .*retrain it"):
-        runs.load_checkpoint(tmp_path / "old.pt", D.Config)
+    strings = {k: ",".join(map(str, v)) for k, v in state["config"].items() if isinstance(v, tuple)}
+    torch.save({**state, "config": {**state["config"], **strings}}, tmp_path / "strings.pt")  # "100,200" as written
+    assert checkpoints.load_checkpoint(tmp_path / "strings.pt", D.Config)[1:] == tiny()  # by the format's first runs
+    for version in (2, None):  # L_noise over the normal half; other networks and 1-based t
+        torch.save({**{k: v for k, v in state.items() if k != "version"}, **({"version": version} if version else {})},
+                   tmp_path / "old.pt")
+        with pytest.raises(SystemExit, match=f"old.pt: checkpoint format {version or 1}, written by another version"):
+            checkpoints.load_checkpoint(tmp_path / "old.pt", D.Config)
     torch.save({"unet_model_state_dict": {}, "seg_model_state_dict": {}, "args": {}}, tmp_path / "theirs.pt")
     with pytest.raises(SystemExit, match="a checkpoint of the authors' train.py; convert it first: .* import-authors"):
-        runs.load_checkpoint(tmp_path / "theirs.pt", D.Config)
+        checkpoints.load_checkpoint(tmp_path / "theirs.pt", D.Config)
 
 
 # ---------------------------------------------------------------- the CLI end to end
@@ -451,6 +454,7 @@ def test_cli_train_eval_predict(toy, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Image AUROC" in out and "file reading excluded" in out
     assert json.loads((tmp_path / "m100.json").read_text())["eval_t"] == [100]
+    assert json.loads((run / "config.json").read_text())["eval_t"] == [100, 200]
     panels = sorted((run / "eval_ckpt_toy_t100").glob("*.png"))  # named after what was evaluated
     assert len(panels) == 6 and Image.open(panels[0]).size == (4 * 64, 64)  # trained on crops, evaluated whole
 
@@ -483,7 +487,7 @@ def test_bench_runs_and_reports_both_paths(capsys):
 def test_cuda_without_a_gpu_and_eval_under_torchrun_are_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="--device cuda: no CUDA device is available"):
-        runs.pick_device(tiny(device="cuda")[1])
+        speed.pick_device(tiny(device="cuda")[1])
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit, match="eval runs in one process: start it without torchrun"):
         D.main(["eval", "--run", "nowhere"])
@@ -493,8 +497,8 @@ def test_amp_on_a_cpu_without_native_bf16_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     with pytest.raises(SystemExit, match="--amp: this CPU has no native bf16"):
-        runs.pick_device(tiny(amp=True, device="cpu")[1])
-    assert runs.pick_device(tiny(device="cpu")[1]).type == "cpu"
+        speed.pick_device(tiny(amp=True, device="cpu")[1])
+    assert speed.pick_device(tiny(device="cpu")[1]).type == "cpu"
 
 
 # ---------------------------------------------------------------- what happens when... (README table)
@@ -519,7 +523,7 @@ def test_broken_files_are_all_reported_before_training(tmp_path, capsys):
 
 @pytest.mark.parametrize("flags,message", [
     (["--max-steps", "-5", "--epochs", "0"], r"--epochs must be >= 1, got 0\n  --max-steps must be >= 0, got -5"),
-    (["--eval-t", "1o0"], "--eval-t must be comma-separated integers"),
+    (["--lr", "0", "--eval-t", "1000"], r"--lr must be > 0, got 0.0\n  --eval-t needs time steps in \[0, 999\]"),
     (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N"),
     (["--data", "/no/such/folder"], "dataset folder /no/such/folder does not exist"),
     (["--lr", "0"], "--lr must be > 0"),
@@ -554,7 +558,7 @@ def test_nan_at_the_first_step_says_no_checkpoint_exists(tmp_path, monkeypatch, 
 def test_a_second_train_on_a_live_run_folder_refuses(tmp_path, parts):
     quick = lambda **kw: tiny(data=str(parts), holdout=0, **kw)
     D.train(*quick(max_steps=1, out=str(tmp_path / "r")))
-    held = runs.lock_run(tmp_path / "r")  # as a live training process holds it
+    held = checkpoints.lock_run(tmp_path / "r")  # as a live training process holds it
     try:
         with pytest.raises(SystemExit, match=rf"being trained by another process \(pid {os.getpid()}\)"):
             D.train(*quick(max_steps=2, out=str(tmp_path / "r")), resume=True)
@@ -675,7 +679,7 @@ def test_activation_checkpointing_gives_the_same_losses_and_gradients():
         torch.manual_seed(0)
         model = D.build_model(tiny_cfg())
         if checkpointing:
-            assert runs.checkpoint_stages(model.denoiser) == len(model.denoiser.down) + 1 + len(model.denoiser.up)
+            assert speed.checkpoint_stages(model.denoiser) == len(model.denoiser.down) + 1 + len(model.denoiser.up)
         out = model(x0, mask, *draws(x0))
         out["total"].backward()
         runs_.append((out["total"].item(), [p.grad.clone() for p in model.parameters()]))
@@ -691,7 +695,7 @@ def torchrun_worker(rank, world, port, jobs, result, cwd):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
     os.chdir(cwd)
     torch.set_num_threads(1)
-    get, place, real_open, save = data.TrainSet.__getitem__, runs.Run.place, builtins.open, runs.atomic_write
+    get, place, real_open, replace_file = data.TrainSet.__getitem__, runs.Run.place, builtins.open, os.replace
     for k, argv in enumerate(jobs):
         os.environ["MASTER_PORT"] = str(port + k)
         seen, written, models = [], [], []
@@ -703,9 +707,9 @@ def torchrun_worker(rank, world, port, jobs, result, cwd):
                 written.append(str(f))
             return real_open(f, mode, *a, **kw)
         builtins.open = io.open = recording_open
-        runs.atomic_write = lambda path, content: (written.append(str(path)), save(path, content))[1]
+        os.replace = lambda src, dst: (written.append(str(dst)), replace_file(src, dst))[1]  # atomic writes
         D.main(argv)
-        builtins.open = io.open = real_open
+        builtins.open, io.open, os.replace = real_open, real_open, replace_file
         torch.save({"seen": seen, "written": written,
                     "weights": {k: v.clone() for k, v in models[-1].state_dict().items()}}, f"{result}{rank}_{k}.pt")
 
@@ -763,7 +767,7 @@ def test_compiled_training_step_and_inference_match_eager(monkeypatch):
         torch.manual_seed(0)
         model = D.build_model(cfg)
         if compiled:
-            runs.compile_networks(model)
+            speed.compile_networks(model)
         out = model(x0, mask, *draws(x0))
         out["total"].backward()
         models.append((model, out))
@@ -775,17 +779,17 @@ def test_compiled_training_step_and_inference_match_eager(monkeypatch):
     c = torch._dynamo.utils.counters
     assert c["stats"]["unique_graphs"] >= 2 and not c["graph_break"]  # both networks compiled whole
     images = torch.rand(6, 3, 32, 32)  # 6 = one full batch of 4 and one padded batch
-    a = D.run_inference(eager, images, cfg, opts, torch.device("cpu"))
-    b = D.run_inference(comp, images, cfg, replace(opts, compile=True), torch.device("cpu"))
+    a = run_inference(eager, images, cfg, opts, torch.device("cpu"))
+    b = run_inference(comp, images, cfg, replace(opts, compile=True), torch.device("cpu"))
     assert np.allclose(a[0], b[0], atol=1e-4) and np.allclose(a[1], b[1], atol=1e-4)
-    assert "0 graph breaks" in runs.compile_report()
+    assert "0 graph breaks" in speed.compile_report()
 
 
 def run_script(name, *args, capsys):
-    """A docs/ script run as `python docs/NAME ARGS` would, in this process (no second interpreter to start)."""
+    """A study script run as `python scripts/NAME ARGS` would, in this process (no second interpreter to start)."""
     capsys.readouterr()
     argv = sys.argv
-    sys.argv = [str(ROOT / "docs" / name), *args]
+    sys.argv = [str(ROOT / "scripts" / name), *args]
     try:
         runpy.run_path(sys.argv[0], run_name="__main__")
     finally:
@@ -806,43 +810,6 @@ def test_diagnostic_scripts_run_on_a_trained_model(toy, capsys):
     assert out.count("defect pixels |x0_hat - x0|") == 2 and "(3 anomalous images)" in out
 
 
-# ---------------------------------------------------------------- the paper file stands alone
-
-def test_the_model_section_copies_out_alone_and_imports_go_one_way(tmp_path):
-    source = (ROOT / "diffusionad.py").read_text()
-    model = source[source.index("def arg("): source.index("\n\n# ------", source.index("def build_model("))]
-    script = ("import math\nfrom dataclasses import dataclass, field\nimport torch\nimport torch.nn as nn\n"
-              "import torch.nn.functional as F\n" + model + "\n"
-              "cfg = Config(img_size=32, base_channels=16, channel_mult='1,2', seg_channels=4)\n"
-              "m = build_model(cfg).eval()\n"
-              "out = m.anomaly_maps(torch.rand(2, 3, 32, 32), (100, 200), torch.randn(2, 3, 32, 32))\n")
-    alone = {"__name__": "copied"}  # a namespace that holds only what the section defines and imports: torch alone
-    exec(compile(script, "copied.py", "exec"), alone)
-    assert alone["out"][0].shape == (2, 32, 32) and alone["out"][1].shape == (2,)
-    assert not {"data", "metrics", "runs", "np", "sys"} & set(alone)
-    # imports go one way: tools, authors, ablations -> diffusionad -> runs -> data, metrics; the paper file imports
-    # the modules above it only inside main, to dispatch a verb
-    above = ("ablations", "authors", "tools")
-    for name in ("runs", "data", "metrics"):
-        text = (ROOT / f"{name}.py").read_text()
-        assert not any(f"import {m}" in text for m in ("diffusionad",) + above), name
-    top = source[: source.index("\ndef main(")]
-    assert not any(f"import {m}" in top for m in above)
-    for name in above:
-        assert "import diffusionad as D" in (ROOT / f"{name}.py").read_text()
-    assert not any("docs" in line for line in source.splitlines() + (ROOT / "tools.py").read_text().splitlines()
-                   if "import" in line or "sys.path" in line)
-    # `python diffusionad.py VERB` loads the file once: `import diffusionad` in tools.py gets the running module
-    r = subprocess.run([sys.executable, "-X", "importtime", "diffusionad.py", "table", str(tmp_path)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
-    imported = [line.rsplit("|", 1)[1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")]
-    assert "tools" in imported and "runs" in imported and "diffusionad" not in imported, r.stderr[-2000:]
-    with pytest.raises(ValueError, match="no default --channel-mult for --img-size 96"):  # the model raises, the
-        D.DiffusionAD(D.Config(img_size=96))                                             # CLI turns it into one line
-    with pytest.raises(SystemExit, match="no default --channel-mult for --img-size 96"):
-        D.main(["train", "--img-size", "96"])
-
-
 # ---------------------------------------------------------------- noise-to-norm: reliance, warm-up, noise
 
 def test_every_evaluation_reports_the_reliance_on_the_restoration(tmp_path, capsys):
@@ -856,13 +823,13 @@ def test_every_evaluation_reports_the_reliance_on_the_restoration(tmp_path, caps
     cfg, opts = tiny(data="synthetic")
     model = D.build_model(cfg).eval()
     images = torch.rand(5, 3, 32, 32)
-    maps, scores = runs.maps_without_restoration(model, images, opts, torch.device("cpu"))
+    maps, scores = reports.maps_without_restoration(model, images, opts, torch.device("cpu"))
     model.restore = lambda x0, t, eps: x0
-    ref_maps, ref_scores, _, _ = D.run_inference(model, images, cfg, opts, torch.device("cpu"))
+    ref_maps, ref_scores, _, _ = run_inference(model, images, cfg, opts, torch.device("cpu"))
     assert np.allclose(maps, ref_maps, atol=1e-5) and np.allclose(scores, ref_scores, atol=1e-5)
     for ablation, has in (("seg-only", False), ("ae", True)):  # DRAEM+ has a reconstruction, seg-only none
         cfg, opts = tiny(data="synthetic", max_steps=1, ablation=ablation, out=str(tmp_path / ablation))
-        run = D.train(cfg, opts, cls=ablations.model_class(opts))
+        run = D.train(cfg, opts, cls=D.model_class(opts))
         assert ("reliance" in json.loads((run / "metrics.json").read_text())) == has
 
 
@@ -870,11 +837,11 @@ def test_an_images_score_does_not_depend_on_its_batch():
     cfg, opts = tiny()
     model = D.build_model(cfg).eval()
     images = torch.rand(5, 3, 32, 32)
-    _, scores, _, _ = D.run_inference(model, images, cfg, replace(opts, eval_batch=2), torch.device("cpu"))
-    _, single, _, _ = D.run_inference(model, images.flip(0), cfg, replace(opts, eval_batch=1), torch.device("cpu"))
+    _, scores, _, _ = run_inference(model, images, cfg, replace(opts, eval_batch=2), torch.device("cpu"))
+    _, single, _, _ = run_inference(model, images.flip(0), cfg, replace(opts, eval_batch=1), torch.device("cpu"))
     assert np.allclose(scores, single[::-1], atol=1e-5)
-    eps = D.inference_noise(0, 2, 32)
-    assert eps.shape == (2, 3, 32, 32) and torch.equal(eps, D.inference_noise(0, 2, 32))
+    eps = inference_noise(0, 2, 32)
+    assert eps.shape == (2, 3, 32, 32) and torch.equal(eps, inference_noise(0, 2, 32))
 
 
 # ---------------------------------------------------------------- bugs found when reading the authors' code

@@ -1,5 +1,6 @@
 """Tests for metrics.py: hand-computed PRO cases, limiting cases, agreement with scikit-learn and a
-brute-force PRO, invariance to increasing transforms, and every error message."""
+brute-force PRO, invariance to increasing transforms, and every error message; and the benchmark table beside the
+paper's numbers (extras/benchmarks.py) and scripts/seeds.py."""
 import warnings
 from pathlib import Path
 
@@ -9,8 +10,9 @@ from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 import metrics
-from metrics import (COLUMNS, PAPER, evaluate, image_ap, image_auroc, image_f1_max, pixel_ap, pixel_auroc, pixel_f1_max,
-                     pro, table)
+from extras.benchmarks import PAPER, table
+from extras.reports import COLUMNS
+from metrics import evaluate, image_ap, image_auroc, image_f1_max, pixel_ap, pixel_auroc, pixel_f1_max, pro
 
 
 def a(rows):
@@ -300,7 +302,7 @@ def test_seeds_script_gives_mean_and_sample_std(tmp_path):
             {"image_auroc": auc, "pixel_auroc": 0.5, "pixel_pro": None, "image_f1_max": 0.7, "train_seconds": 600,
              "reliance": {"image_auroc": rel, "pixel_auroc": 0.0, "pixel_pro": None},
              "restoration_psnr_good": {"100": 25.0, "200": 21.0 + i}}))
-    out = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "docs" / "seeds.py"),
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "seeds.py"),
                           f"full={tmp_path / 'r0'},{tmp_path / 'r1'}"], capture_output=True, text=True, check=True).stdout
     row = out.splitlines()[2].split(" | ")
     assert row[:3] == ["| full", "2", "85.0 ± 7.1"] and row[4] == "-"          # std with n - 1; no PRO: "-"

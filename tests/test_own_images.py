@@ -4,17 +4,16 @@ import json
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import data
 import diffusionad as D
-import runs
-import tools
+from extras import folders, reports
+from extras.export import Alg2Program
+from extras.options import RunOptions
 
 FLAGS = ["--img-size", "32", "--base-channels", "16", "--channel-mult", "1,2", "--attn-resolutions", "16",
          "--seg-channels", "4", "--workers", "0", "--eval-batch", "4", "--log-every", "1000", "--max-steps", "2"]
@@ -85,15 +84,15 @@ def test_a_folder_without_images_is_one_clear_error(tmp_path):
 
 
 def test_holdout_is_a_fixed_slice_of_at_least_five(tmp_path):
-    ds = data.open_dataset(plain_folder(tmp_path / "f", n=40), "train", 32)
-    a_train, a_held = data.holdout_split(ds, 0.1)
-    b_train, b_held = data.holdout_split(ds, 0.1)
+    ds = folders.open_data(plain_folder(tmp_path / "f", n=40), "train", 32)
+    a_train, a_held = folders.holdout_split(ds, 0.1)
+    b_train, b_held = folders.holdout_split(ds, 0.1)
     assert len(a_held) == 5 and len(a_train) == 35  # ceil(4) < 5: at least five
     assert [r[0] for r in a_held.records] == [r[0] for r in b_held.records]  # the same for every run and seed
     assert not {r[0] for r in a_held.records} & {r[0] for r in a_train.records}
-    assert len(data.holdout_split(ds, 0.5)[1]) == 20 and data.holdout_split(ds, 0)[1] is None
+    assert len(folders.holdout_split(ds, 0.5)[1]) == 20 and folders.holdout_split(ds, 0)[1] is None
     with pytest.raises(ValueError, match="too few to hold out 5"):
-        data.holdout_split(data.Part(ds, range(6)), 0.1)
+        folders.holdout_split(folders.Subset(ds, range(6)), 0.1)
 
 
 @pytest.mark.parametrize("masks", [True, False])
@@ -120,18 +119,19 @@ def test_a_labelled_test_folder_with_and_without_masks(tmp_path, capsys, masks):
 
 
 def test_the_threshold_rule_on_a_toy_case():
-    cfg, opts = D.Config(eval_t="100,200", top_k=50), runs.RunOptions()
-    t = runs.threshold_summary(np.arange(1, 11) / 10, 0.9, cfg, opts)  # 0.1 ... 1.0
+    cfg, opts = D.Config(eval_t=(100, 200), top_k=50), RunOptions()
+    t = reports.threshold_summary(np.arange(1, 11) / 10, 0.9, cfg, opts)  # 0.1 ... 1.0
     assert t["value"] == pytest.approx(0.91) and t["n_held_out"] == 10  # numpy's linear interpolation
     assert t["held_out_scores"] == {"min": 0.1, "median": 0.55, "mean": 0.55, "max": 1.0}
     state = {"threshold": t}
-    assert runs.stored_threshold(state, cfg, opts, "ck")[0] is t
-    assert runs.stored_threshold(state, cfg, opts, "ck", 0.3) == (0.3, "--threshold")
-    value, why = runs.stored_threshold(state, D.Config(eval_t="200,400"), opts, "ck")
+    assert reports.stored_threshold(state, cfg, opts, "ck")[0] is t
+    assert reports.stored_threshold({"threshold": {**t, "eval_t": "100,200"}}, cfg, opts, "ck")[0]["value"] == t["value"]
+    assert reports.stored_threshold(state, cfg, opts, "ck", 0.3) == (0.3, "--threshold")
+    value, why = reports.stored_threshold(state, D.Config(eval_t=(200, 400)), opts, "ck")
     assert value is None and "paper inference at t = 100,200" in why  # a threshold belongs to its inference
-    value, why = runs.stored_threshold(state, cfg, runs.RunOptions(variant="authors"), "ck")
+    value, why = reports.stored_threshold(state, cfg, RunOptions(variant="authors"), "ck")
     assert value is None and "not this command's authors inference" in why
-    assert runs.stored_threshold({}, cfg, opts, "ck")[0] is None
+    assert reports.stored_threshold({}, cfg, opts, "ck")[0] is None
 
 
 def trained_folder_run(tmp_path, holdout="0.25"):
@@ -214,24 +214,24 @@ def test_a_run_of_the_authors_variant_evaluates_predicts_and_exports_alike(tmp_p
     D.main(["train", "--variant", "authors", "--batch-size", "4", "--data", str(folder), "--out", str(run),
             "--holdout", "0.25"] + FLAGS)
     ck = torch.load(run / "ckpt.pt", weights_only=True)
-    assert ck["config"]["variant"] == "authors" and ck["config"]["eval_t"] == "200,400"  # args1.json's
+    assert ck["config"]["variant"] == "authors" and ck["config"]["eval_t"] == (200, 400)  # args1.json's
     assert ck["threshold"]["variant"] == "authors" and len(ck["optimizer"]["param_groups"]) == 2  # their two Adams
     files = sorted(str(p) for d in ("good", "spot") for p in (inputs / d).iterdir())
     D.main(["predict", "--run", str(run), *files, "--csv", str(tmp_path / "p.csv")])
     rows = [r.split(",") for r in (tmp_path / "p.csv").read_text().splitlines()[1:]]
     assert all(r[2] == str(int(float(r[1]) >= ck["threshold"]["value"])) for r in rows)  # the stored threshold
-    state, cfg, opts = runs.load_checkpoint(run / "ckpt.pt", D.Config)  # export's program (its file: the test above)
-    program = tools.Alg2Program(tools.build_model(cfg, opts, state).eval(), cfg).eval().requires_grad_(False)
+    model, cfg = D.load(run)  # export's program (its file: the test above)
+    program = Alg2Program(model, cfg).eval().requires_grad_(False)
     exported = torch.export.export(program, (torch.rand(2, 3, 32, 32),),
                                    dynamic_shapes=({0: torch.export.Dim("batch", max=4096)},)).module()
     with torch.no_grad():
-        scores = exported(torch.stack([data.load_image(f, 32) for f in files]))[1].numpy()  # another batch size
+        scores = exported(torch.stack([folders.load_image(f, 32) for f in files]))[1].numpy()  # another batch size
     assert np.allclose(scores, [float(r[1]) for r in rows], atol=1e-4)
 
 
 def test_a_cpu_user_of_a_large_model_is_told_before_the_first_step(tmp_path, capsys, monkeypatch):
-    real = runs.Run.warn_if_slow
-    monkeypatch.setattr(runs.Run, "warn_if_slow", lambda self: real(self, min_params=0))  # any model counts as large
+    real = reports.cpu_note
+    monkeypatch.setattr(reports, "cpu_note", lambda *a: real(*a, min_params=0))  # any model counts as large
     folder = plain_folder(tmp_path / "parts")
     D.main(["train", "--data", str(folder), "--holdout", "0", "--out", str(tmp_path / "a")] + FLAGS)
     out = capsys.readouterr().out

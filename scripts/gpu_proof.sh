@@ -5,12 +5,12 @@
 # on the whole Test split. Prepare the data here first (the device takes 64 MiB of working tree, ../shared does
 # not travel; loading the copy at 256 px gives exactly the pixels the loader makes from the original):
 #   echo /.gpu/ >> .git/info/exclude
-#   python data.py resize --data ../shared/data/dagm/Class8 --out .gpu/dagm/Class8 --img-size 256
-# then on the device:  bash docs/gpu_proof.sh        (carry: .gpu)
+#   python diffusionad.py resize --data ../shared/data/dagm/Class8 --out .gpu/dagm/Class8 --img-size 256
+# then on the device:  bash scripts/gpu_proof.sh        (carry: .gpu)
 # Writes under $OUT: bench-{paper,authors}.txt, train-{paper,authors}.txt, metrics-*.json, log-*.csv,
 # loss-*.png, panels-*.png. MINUTES: training budget of each (default 2.5); SKIP_BENCH=1 skips the benches;
 # SPEED (default "--amp --compile") and EXTRA (more train flags) exist for a dry run on a CPU:
-#   OUT=/tmp/gp MINUTES=0.2 SPEED= EXTRA="--preset cpu --device cpu" SKIP_BENCH=1 bash docs/gpu_proof.sh
+#   OUT=/tmp/gp MINUTES=0.2 SPEED= EXTRA="--preset cpu --device cpu" SKIP_BENCH=1 bash scripts/gpu_proof.sh
 set -euo pipefail
 OUT=${OUT:-gpu_out}; MINUTES=${MINUTES:-2.5}; DATA=${DATA:-.gpu/dagm/Class8}; SPEED=${SPEED---amp --compile}
 mkdir -p "$OUT"
@@ -32,6 +32,6 @@ for VARIANT in paper authors; do
   python3 diffusionad.py eval --run "$RUN" --save-maps ${SPEED/--compile/} --eval-batch 16 > /dev/null
   cp "$RUN/metrics.json" "$OUT/metrics-$VARIANT.json"
   cp "$RUN/log.csv" "$OUT/log-$VARIANT.csv"
-  python3 docs/plot.py loss "$RUN/log.csv" "$OUT/loss-$VARIANT.png"
-  python3 docs/figure.py "$OUT/panels-$VARIANT.png" "$RUN"/eval_ckpt_*/
+  python3 scripts/plot.py loss "$RUN/log.csv" "$OUT/loss-$VARIANT.png"
+  python3 scripts/figure.py "$OUT/panels-$VARIANT.png" "$RUN"/eval_ckpt_*/
 done

@@ -1,6 +1,6 @@
 """The exported program against predict's path, side by side in one process, on the same images.
 
-python docs/export_bench.py RUN/ckpt.pt MODEL.pt2 FOLDER [--n 128]
+python scripts/export_bench.py RUN/ckpt.pt MODEL.pt2 FOLDER [--n 128]
 Reads up to n images of FOLDER (file reading not timed), scores them with predict's path
 (diffusionad.run_inference: batches of the run's --eval-batch, NHWC on CPUs) and with the exported program
 (torch.export.load(...).module(), the same batch size), each after a warm-up batch, and prints images/s for
@@ -16,10 +16,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import ablations  # noqa: E402
-import data  # noqa: E402
-import diffusionad as D  # noqa: E402
-import runs  # noqa: E402
+import diffusionad  # noqa: E402
+from extras.checkpoints import load_checkpoint  # noqa: E402
+from extras.folders import list_images, load_image  # noqa: E402
+from extras.inference import run_inference  # noqa: E402
 
 
 def main():
@@ -28,20 +28,19 @@ def main():
     p.add_argument("program")
     p.add_argument("folder")
     p.add_argument("--n", type=int, default=128)
-    a = p.parse_args()
-    state, cfg, opts = runs.load_checkpoint(a.ckpt, D.Config)
-    opts = replace(opts, device="cpu", compile=False, amp=False, log_every=1e9)
-    model = ablations.build_model(cfg, opts, state).eval()
-    program = torch.export.load(a.program).module()
-    images = torch.stack([data.load_image(f, cfg.img_size) for f in data.list_images([a.folder])[: a.n]])
+    args = p.parse_args()
+    opts = replace(load_checkpoint(args.ckpt, diffusionad.Config)[2], device="cpu", compile=False, amp=False, log_every=1e9)
+    model, cfg = diffusionad.load(args.ckpt)
+    program = torch.export.load(args.program).module()
+    images = torch.stack([load_image(f, cfg.img_size) for f in list_images([args.folder])[: args.n]])
     B = opts.eval_batch
 
     def exported():
         with torch.inference_mode():
             return np.concatenate([program(images[i: i + B])[1].numpy() for i in range(0, len(images), B)])
     rows = []
-    for name, fn in (("predict's path (run_inference)", lambda: D.run_inference(model, images, cfg, opts,
-                                                                                torch.device("cpu"))[1]),
+    for name, fn in (("predict's path (run_inference)", lambda: run_inference(model, images, cfg, opts,
+                                                                             torch.device("cpu"))[1]),
                      ("exported program", exported)):
         fn()  # warm-up
         t0 = time.perf_counter()

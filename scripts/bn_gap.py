@@ -1,6 +1,6 @@
 """The segmentation net's BatchNorm train/eval gap, measured on the model's own training task.
 
-python docs/bn_gap.py RUN/ckpt.pt [--batches 20]
+python scripts/bn_gap.py RUN/ckpt.pt [--batches 20]
 Draws fresh synthetic anomalies on training images (an epoch the run never saw), restores them at the
 inference time steps (Alg. 2) and scores the maps against the synthetic masks with the seg net's
 BatchNorm (a) in eval mode with the running statistics from training, (b) recalibrated on inference-like
@@ -17,11 +17,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import ablations  # noqa: E402
 import data  # noqa: E402
-import diffusionad as D  # noqa: E402
+import diffusionad  # noqa: E402
 import metrics  # noqa: E402
-import runs  # noqa: E402
+from extras.anomalies import random_crops, trainset as make_trainset  # noqa: E402
+from extras.checkpoints import load_checkpoint  # noqa: E402
+from extras.folders import holdout_split, open_data  # noqa: E402
 
 
 def recalibrate_bn(model, cfg, opts, trainset, n_batches):
@@ -32,7 +33,7 @@ def recalibrate_bn(model, cfg, opts, trainset, n_batches):
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # a cumulative average over the batches below
-    ts, g = D.ints(cfg.eval_t), torch.Generator().manual_seed(cfg.seed + 7)
+    ts, g = cfg.eval_t, torch.Generator().manual_seed(cfg.seed + 7)
     epoch = 10 ** 6  # synthetic anomalies that training never saw
     batches = [data.step_keys(b, epoch) for b in data.epoch_batches(len(trainset), cfg.batch_size, cfg.seed, epoch)]
     model.eval()
@@ -41,7 +42,7 @@ def recalibrate_bn(model, cfg, opts, trainset, n_batches):
         for batch in torch.utils.data.DataLoader(trainset, batch_sampler=batches[:n_batches]):
             x0 = batch["image"]
             if opts.crop:
-                x0, _ = data.random_crops(x0, torch.zeros_like(x0[:, :1]), opts.crop, g)
+                x0, _ = random_crops(x0, torch.zeros_like(x0[:, :1]), opts.crop, g)
             x0_hat = x0
             if model.denoiser is not None:
                 t = torch.tensor(ts)[torch.randint(len(ts), (len(x0),), generator=g)]
@@ -72,13 +73,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("ckpt")
     ap.add_argument("--batches", type=int, default=20)
-    a = ap.parse_args()
-    state, cfg, opts = runs.load_checkpoint(a.ckpt, D.Config)
-    model = ablations.build_model(cfg, opts, state)
-    trainset = runs.make_trainset(cfg, opts, runs.training_split(opts, runs.open_train(cfg, opts))[0])  # no held-out
-    ts = D.ints(cfg.eval_t)
+    args = ap.parse_args()
+    state, cfg, opts = load_checkpoint(args.ckpt, diffusionad.Config)
+    model = diffusionad.load(args.ckpt)[0]
+    normal = holdout_split(open_data(opts.data, "train", cfg.img_size), opts.holdout)[0]  # not the held-out slice
+    trainset = make_trainset(normal, cfg, opts)
+    ts = cfg.eval_t
     epoch = 10 ** 6 + 1  # neither training nor recalibrate_bn uses this epoch
-    keys = data.epoch_batches(len(trainset), cfg.batch_size, cfg.seed, epoch)[:a.batches]
+    keys = data.epoch_batches(len(trainset), cfg.batch_size, cfg.seed, epoch)[:args.batches]
     batches = []
     for b in torch.utils.data.DataLoader(trainset, batch_sampler=[data.step_keys(k, epoch) for k in keys]):
         batches.append((b["image"], b["mask"]))
@@ -90,7 +92,7 @@ def main():
         x0_hat = x0k if model.denoiser is None else \
             model.restore(x0k, t, torch.randn(x0k.shape, generator=torch.Generator().manual_seed(5)))
         feat = model.seg.enc[0][0](x0k if model.denoiser is None else torch.cat([x0k, x0_hat], 1))
-    print(f"{a.ckpt} (step {state['step']}): first BatchNorm running var mean {bn.running_var.mean():.4f}, "
+    print(f"{args.ckpt} (step {state['step']}): first BatchNorm running var mean {bn.running_var.mean():.4f}, "
           f"its input's variance at t={cfg.eval_t}: {feat.var((0, 2, 3)).mean():.4f}")
     rows = [("eval mode, training statistics", maps_on(model, batches, cfg, ts, False))]
     recal = copy.deepcopy(model)

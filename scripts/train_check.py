@@ -1,6 +1,6 @@
 """How a trained model treats its own normal TRAINING images (no test image involved).
 
-python docs/train_check.py RUN/ckpt.pt [DATA] [--n 12]
+python scripts/train_check.py RUN/ckpt.pt [DATA] [--n 12]
 Takes n training images spread over the training split, runs Alg. 2 on them whole (the inference time
 steps, seeded noise) and on their central crop of the training crop size (when the run used --crop),
 and prints the mean image score (top-K) and mean map value, and the restorations' colour bias: the
@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import ablations  # noqa: E402
-import data  # noqa: E402
-import diffusionad as D  # noqa: E402
-import runs  # noqa: E402
+import diffusionad  # noqa: E402
+from extras.checkpoints import load_checkpoint  # noqa: E402
+from extras.folders import open_data  # noqa: E402
+from extras.inference import inference_noise  # noqa: E402
 
 
 def main():
@@ -25,17 +25,17 @@ def main():
     p.add_argument("ckpt")
     p.add_argument("data", nargs="?", default=None, help="dataset folder, if not the one the run recorded")
     p.add_argument("--n", type=int, default=12)
-    a = p.parse_args()
-    state, cfg, opts = runs.load_checkpoint(a.ckpt, D.Config)
-    model = ablations.build_model(cfg, opts, state).eval()
-    train = data.open_dataset(a.data or opts.data, "train", cfg.img_size)
-    idx = [round(i * (len(train) - 1) / max(a.n - 1, 1)) for i in range(min(a.n, len(train)))]
+    args = p.parse_args()
+    model, cfg = diffusionad.load(args.ckpt)
+    opts = load_checkpoint(args.ckpt, diffusionad.Config)[2]
+    train = open_data(args.data or opts.data, "train", cfg.img_size)
+    idx = [round(i * (len(train) - 1) / max(args.n - 1, 1)) for i in range(min(args.n, len(train)))]
     x0 = torch.stack([train[i]["image"] for i in idx])  # (n,3,H,W)
-    ts = D.ints(cfg.eval_t)
-    noise = D.inference_noise(cfg.seed, len(ts), cfg.img_size)  # Alg. 2's noise, (K,3,H,W)
+    ts = cfg.eval_t
+    noise = inference_noise(cfg.seed, len(ts), cfg.img_size)  # Alg. 2's noise, (K,3,H,W)
     with torch.no_grad():
         maps, scores, x0_hat = model.anomaly_maps(x0, ts, noise)
-        print(f"{a.ckpt}: {len(x0)} training images, whole: mean score {scores.mean():.3f}, mean map {maps.mean():.3f}")
+        print(f"{args.ckpt}: {len(x0)} training images, whole: mean score {scores.mean():.3f}, mean map {maps.mean():.3f}")
         if opts.crop:
             c, lo = opts.crop, (cfg.img_size - opts.crop) // 2
             cm, cs, _ = model.anomaly_maps(x0[..., lo:lo + c, lo:lo + c], ts, noise[..., lo:lo + c, lo:lo + c])

@@ -1,6 +1,6 @@
 """Compose docs/results.png from `diffusionad.py eval --save-maps` panels (input | restoration | map | truth).
 
-python docs/figure.py docs/results.png runs/mt-full/eval_ckpt_magnetic_tile_t100+200 ...
+python scripts/figure.py docs/results.png runs/mt-full/eval_ckpt_magnetic_tile_t100+200 ...
 (each argument: a folder of panels written by `eval --save-maps`). Per folder: one image of each defect
 type (at most 5; three for a single type) and one good image, in file-name order (no picking).
 """

@@ -1,8 +1,8 @@
 """Peak memory and time of one training step, per image: the paper's step (Alg. 1, one denoiser pass per image)
-and the authors' variant's (authors.py, two passes), fp32 and bf16 autocast (--amp), with and without activation
+and the authors' variant's (extras/authors.py, two passes), fp32 and bf16 autocast (--amp), with and without activation
 checkpointing of the denoiser's stages (--checkpointing).
 
-    python docs/memory.py [--size 256 --base 128 --batches 1,2]
+    python scripts/memory.py [--size 256 --base 128 --batches 1,2]
 
 Each measurement is one fresh process (a process's peak RSS is a high-water mark): the model of Config() at the
 given size and width and Adam are built, then one training step (forward, backward, Adam's first update, which
@@ -25,18 +25,19 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import authors  # noqa: E402
-import diffusionad as D  # noqa: E402
-import runs  # noqa: E402
+import diffusionad  # noqa: E402
+from extras.authors import NormGuided  # noqa: E402
+from extras.options import ints  # noqa: E402
+from extras.speed import checkpoint_stages  # noqa: E402
 
 
 def one_step(size, base, batch, variant, amp, checkpointing):
     """In this process: one training step; prints {"peak_gib", "seconds"} as JSON."""
     torch.manual_seed(0)
-    cfg = D.Config(img_size=size, base_channels=base)
-    model = (authors.NormGuided if variant == "authors" else D.DiffusionAD)(cfg).train()
+    cfg = diffusionad.Config(img_size=size, base_channels=base)
+    model = (NormGuided if variant == "authors" else diffusionad.DiffusionAD)(cfg).train()
     if checkpointing:
-        runs.checkpoint_stages(model.denoiser)
+        checkpoint_stages(model.denoiser)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)
     x0, mask = torch.rand(batch, 3, size, size, generator=g), torch.zeros(batch, 1, size, size)
@@ -63,18 +64,18 @@ def main():
     ap.add_argument("--base", type=int, default=128)
     ap.add_argument("--batches", default="1,2")
     ap.add_argument("--one", nargs=5, metavar=("BATCH", "VARIANT", "AMP", "CKPT", "_"), help=argparse.SUPPRESS)
-    a = ap.parse_args()
-    if a.one:
-        return one_step(a.size, a.base, int(a.one[0]), a.one[1], a.one[2] == "1", a.one[3] == "1")
-    b1, b2 = D.ints(a.batches)
-    print(f"one training step at {a.size} px, base {a.base}, {torch.get_num_threads()} threads; peak RSS of the process")
+    args = ap.parse_args()
+    if args.one:
+        return one_step(args.size, args.base, int(args.one[0]), args.one[1], args.one[2] == "1", args.one[3] == "1")
+    b1, b2 = ints(args.batches)
+    print(f"one training step at {args.size} px, base {args.base}, {torch.get_num_threads()} threads; peak RSS of the process")
     print("| step | precision | activation checkpointing | peak at batch %d (GiB): backward / step | at batch %d "
           "| per image | fixed | batch 16, projected | seconds per image (batch %d) |" % (b1, b2, b2))
     print("|---|---|---|---|---|---|---|---|---|")
     for variant in ("paper", "authors"):
         for amp in (0, 1):
             for ckpt in (0, 1):
-                res = [measure(a.size, a.base, b, variant, amp, ckpt) for b in (b1, b2)]
+                res = [measure(args.size, args.base, b, variant, amp, ckpt) for b in (b1, b2)]
                 head = f"| {variant} | {'bf16 autocast' if amp else 'fp32'} | {'yes' if ckpt else 'no'} | "
                 if isinstance(res[0], str) or isinstance(res[1], str):  # a failed process (killed for memory, ...)
                     print(head + " | ".join(r if isinstance(r, str) else peaks(r) for r in res)

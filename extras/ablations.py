@@ -1,5 +1,5 @@
-"""Table 3 of the paper: DiffusionAD's sub-networks alone and with DRAEM's autoencoder, each a small variant of
-diffusionad.DiffusionAD that overrides what differs (`train --ablation seg-only|ae|denoise-only`).
+"""Table 3 of the paper (Sec. 4.4): DiffusionAD's sub-networks alone and with DRAEM's autoencoder, each a small
+variant of diffusionad.DiffusionAD that overrides what differs (`train --ablation seg-only|ae|denoise-only`).
 
 - SegmentationAD (`seg-only`): the segmentation sub-network alone, on x0 (3 channels); no restoration.
 - DRAEM+ (`ae`): DRAEM's reconstructive sub-network in place of the denoiser (no noise, no time step), trained as
@@ -8,26 +8,30 @@ diffusionad.DiffusionAD that overrides what differs (`train --ablation seg-only|
   channels at each time step of Alg. 2. L_noise over the normal images of a batch only: without a segmentation
   net, the synthetic images would teach the denoiser to restore the anomalies.
 
-The paper gives Table 3 for VisA; it does not describe these variants further than their names and "close to
-DRAEM" (DRAEM+). Every variant keeps DiffusionAD's data, batches, optimizer, checkpoints and evaluation.
+Sec. 4.4 describes each: the segmentation sub-network alone; an autoencoder in the denoiser's place, close to DRAEM;
+the difference between an input and its recovery. What the paper leaves open (DRAEM's autoencoder and its loss, which
+images L_noise covers) is ours (README, Deviations). Every variant keeps DiffusionAD's data, batches, optimizer,
+checkpoints and evaluation.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import diffusionad as D
+from diffusionad import DenoisingUNet, DiffusionAD, SegmentationUNet, conv_bn_relu, mask_loss
 
 
-class SegmentationAD(D.DiffusionAD):
+class SegmentationAD(DiffusionAD):
     """Table 3: the segmentation sub-network alone, on x0."""
+    time_steps = False
+
     def build(self, cfg):
-        self.denoiser, self.seg = None, D.SegmentationUNet(3, cfg.seg_channels)
+        self.denoiser, self.seg = None, SegmentationUNet(3, cfg.seg_channels)
 
     def segment(self, x0, x0_hat):
         return self.seg(x0)
 
     def train_loss(self, x0, mask, t, eps):
-        loss = D.mask_loss(self.seg(x0), mask, self.cfg.gamma)  # Eq. (7)
+        loss = mask_loss(self.seg(x0), mask, self.cfg.gamma)  # Eq. (7)
         return {"mask": loss, "total": loss}
 
     def anomaly_maps(self, x0, ts, noise):
@@ -44,11 +48,11 @@ class Autoencoder(nn.Module):
         super().__init__()
         enc = [base * min(2 ** i, 8) for i in range(5)]  # 128, 256, 512, 1024, 1024 at base 128
         wide, narrow = enc[3::-1], enc[2::-1] + [base]  # 1024, 512, 256, 128 -> 512, 256, 128, 128
-        self.enc = nn.ModuleList(nn.Sequential(*D.cbr(3 if i == 0 else enc[i - 1], enc[i]), *D.cbr(enc[i], enc[i]))
+        self.enc = nn.ModuleList(nn.Sequential(*conv_bn_relu(3 if i == 0 else enc[i - 1], enc[i]), *conv_bn_relu(enc[i], enc[i]))
                                  for i in range(5))
         self.up = nn.ModuleList(nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
-                                              *D.cbr(w, w)) for w in wide)
-        self.dec = nn.ModuleList(nn.Sequential(*D.cbr(w, w), *D.cbr(w, n)) for w, n in zip(wide, narrow))
+                                              *conv_bn_relu(w, w)) for w in wide)
+        self.dec = nn.ModuleList(nn.Sequential(*conv_bn_relu(w, w), *conv_bn_relu(w, n)) for w, n in zip(wide, narrow))
         self.out = nn.Conv2d(base, 3, 3, padding=1)
 
     def forward(self, x):
@@ -61,7 +65,8 @@ class Autoencoder(nn.Module):
 
 def ssim_loss(x, y, data_range=1.0):
     """1 - SSIM (Wang et al. 2004) as DRAEM trains its autoencoder with it: an 11x11 Gaussian window (sigma 1.5) per
-    channel, zero padding, C1 = (0.01 L)^2, C2 = (0.03 L)^2 for the data range L, the mean over all pixels."""
+    channel, zero padding, C1 = (0.01 L)^2, C2 = (0.03 L)^2 for the data range L, the mean over all pixels. L = 1,
+    fixed (DRAEM derives it from the reconstruction's values: 1 for images in [0, 1] unless they reach below -0.5)."""
     g = torch.exp(-(torch.arange(11, dtype=x.dtype, device=x.device) - 5) ** 2 / (2 * 1.5 ** 2))
     w = (g[:, None] * g[None, :] / g.sum() ** 2).expand(x.shape[1], 1, 11, 11)
     blur = lambda z: F.conv2d(z, w, padding=5, groups=x.shape[1])
@@ -72,14 +77,16 @@ def ssim_loss(x, y, data_range=1.0):
     return 1.0 - ssim.mean()
 
 
-class DRAEMPlus(D.DiffusionAD):
+class DRAEMPlus(DiffusionAD):
     """Table 3's DRAEM+: DRAEM's autoencoder restores x0 (model.denoiser holds it, so that checkpoints keep their
     two entries), trained to reconstruct the anomaly-free image (source) with L2 + SSIM; the same seg net."""
+    time_steps = False
+
     def build(self, cfg):
-        self.denoiser, self.seg = Autoencoder(cfg.base_channels), D.SegmentationUNet(6, cfg.seg_channels)
+        self.denoiser, self.seg = Autoencoder(cfg.base_channels), SegmentationUNet(6, cfg.seg_channels)
 
     def restore(self, x0, t=None, eps=None):
-        return self.denoiser(x0).clamp(-1, 1)  # clamped as the denoiser's restoration
+        return self.denoiser(x0).clamp(-1, 1)  # clamped as the denoiser's restoration (DRAEM does not clamp)
 
     def forward(self, x0, mask, t, eps, source=None):
         return self.train_loss(x0, mask, t, eps, source)
@@ -89,7 +96,7 @@ class DRAEMPlus(D.DiffusionAD):
         source = x0 if source is None else source
         x0_hat = self.restore(x0)
         loss_rec = F.mse_loss(x0_hat, source) + ssim_loss(x0_hat, source)  # DRAEM's reconstruction loss
-        loss_mask = D.mask_loss(self.segment(x0, x0_hat), mask, self.cfg.gamma)  # Eq. (7)
+        loss_mask = mask_loss(self.segment(x0, x0_hat), mask, self.cfg.gamma)  # Eq. (7)
         return {"rec": loss_rec, "mask": loss_mask, "total": loss_rec + loss_mask}
 
     def anomaly_maps(self, x0, ts, noise):
@@ -98,10 +105,10 @@ class DRAEMPlus(D.DiffusionAD):
         return maps, self.image_score(maps), x0_hat[None]
 
 
-class DenoisingAD(D.DiffusionAD):
+class DenoisingAD(DiffusionAD):
     """Table 3: the denoising sub-network alone; map = |x0 - x0_hat| averaged over channels, at each time step."""
     def build(self, cfg):
-        self.denoiser, self.seg = D.DenoisingUNet(cfg), None
+        self.denoiser, self.seg = DenoisingUNet(cfg), None
 
     def train_loss(self, x0, mask, t, eps):
         eps_hat = self.denoiser(self.q_sample(x0, t, eps), t)
@@ -113,12 +120,3 @@ class DenoisingAD(D.DiffusionAD):
         x0_hat = self.restore(x0, t, eps)
         return (x0 - x0_hat).abs().mean(1).float(), x0_hat
 
-
-def model_class(opts):
-    """The class of a run: DiffusionAD, or the Table 3 variant its --ablation names."""
-    return {"none": D.DiffusionAD, "seg-only": SegmentationAD, "ae": DRAEMPlus, "denoise-only": DenoisingAD}[opts.ablation]
-
-
-def build_model(cfg, opts, state=None, device="cpu"):
-    """The model of any run: diffusionad.build_model with the class its options name."""
-    return D.build_model(cfg, state, device, model_class(opts))

@@ -1,7 +1,7 @@
 """Does a model find synthetic defects drawn at the images' native size and resized like them as well as
 those drawn at the training size? Normal training images only, no test image.
 
-python docs/resize_check.py RUN/ckpt.pt [--n 20] [--native 640]
+python scripts/resize_check.py RUN/ckpt.pt [--n 20] [--native 640]
 Takes n of the run's held-out normal images (the held-out slice; with --holdout 0, training images) at
 their native size, draws the run's synthetic anomaly (--anomaly-shape/--anomaly-fill, seeded) either on
 the image resized to the training size, or on the native image before resizing it (as a real defect is
@@ -17,11 +17,13 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import ablations  # noqa: E402
 import data  # noqa: E402
-import diffusionad as D  # noqa: E402
+import diffusionad  # noqa: E402
 import metrics  # noqa: E402
-import runs  # noqa: E402
+from extras.anomalies import FILL, SHAPE  # noqa: E402
+from extras.checkpoints import load_checkpoint  # noqa: E402
+from extras.folders import holdout_split, open_data  # noqa: E402
+from extras.inference import inference_noise  # noqa: E402
 
 
 def main():
@@ -29,22 +31,23 @@ def main():
     p.add_argument("ckpt")
     p.add_argument("--n", type=int, default=20)
     p.add_argument("--native", type=int, default=640, help="the images' native side")
-    a = p.parse_args()
-    state, cfg, opts = runs.load_checkpoint(a.ckpt, D.Config)
-    model = ablations.build_model(cfg, opts, state).eval()
-    train, held = data.holdout_split(data.open_dataset(opts.data, "train", a.native), opts.holdout)
-    images, S, ts = held or train, cfg.img_size, D.ints(cfg.eval_t)
-    eps = D.inference_noise(cfg.seed, len(ts), S)
-    for where in ("drawn at the training size", f"drawn at {a.native} px, resized"):
+    args = p.parse_args()
+    opts = load_checkpoint(args.ckpt, diffusionad.Config)[2]
+    model, cfg = diffusionad.load(args.ckpt)
+    train, held = holdout_split(open_data(opts.data, "train", args.native), opts.holdout)
+    images, S, ts = held or train, cfg.img_size, cfg.eval_t
+    eps = inference_noise(cfg.seed, len(ts), S)
+    shape, fill = SHAPE[opts.anomaly_shape], FILL[opts.anomaly_fill]
+    for where in ("drawn at the training size", f"drawn at {args.native} px, resized"):
         maps, masks = [], []
-        for j in range(min(a.n, len(images))):
+        for j in range(min(args.n, len(images))):
             rng, native = np.random.default_rng((7, j)), images[j]["image"].numpy().transpose(1, 2, 0)
             if where.startswith("drawn at the"):
-                x, M = data.synthesize(data._rgb(Image.fromarray(data._u8(native)), S), None, rng,
-                                       shape=opts.anomaly_shape, fill=opts.anomaly_fill)
+                x, M = data.synthesize(data.rgb(Image.fromarray(data.to_u8(native)), S), None, rng, shape=shape,
+                                       fill=fill)
             else:
-                xn, Mn = data.synthesize(native, None, rng, shape=opts.anomaly_shape, fill=opts.anomaly_fill)
-                x = data._rgb(Image.fromarray(data._u8(xn)), S)
+                xn, Mn = data.synthesize(native, None, rng, shape=shape, fill=fill)
+                x = data.rgb(Image.fromarray(data.to_u8(xn)), S)
                 M = data.defect_mask(Image.fromarray((Mn * 255).astype(np.uint8)), S)[0]
             with torch.no_grad():
                 m, _, _ = model.anomaly_maps(torch.from_numpy(x.transpose(2, 0, 1).copy())[None], ts, eps)

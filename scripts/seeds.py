@@ -1,6 +1,6 @@
 """Mean ± standard deviation over seeds, one markdown row per group of run folders.
 
-python docs/seeds.py [--file metrics.json] NAME=RUN,RUN,... [NAME=...]
+python scripts/seeds.py [--file metrics.json] NAME=RUN,RUN,... [NAME=...]
 Reads FILE (default metrics.json; e.g. eval_ckpt_pcb_t100+200.json for another evaluation) in each run
 folder and prints, per group: seeds, image AUROC, pixel AUROC, PRO, image F1-max, the reliance on the
 restoration (image AUROC / pixel AUROC / PRO drop with x0_hat := x0), restoration PSNR at each time step
@@ -25,13 +25,13 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--file", default="metrics.json")
     p.add_argument("groups", nargs="+", help="NAME=RUN,RUN,...")
-    a = p.parse_args()
+    args = p.parse_args()
     print("| method | seeds | Image AUROC | Pixel AUROC | PRO | Image F1-max | reliance: image AUROC | pixel AUROC "
           "| PRO | PSNR (dB) | train min | FPS |")
     print("|---" * 12 + "|")
-    for group in a.groups:
+    for group in args.groups:
         name, runs = group.split("=", 1)
-        ms = [json.loads((Path(r) / a.file).read_text()) for r in runs.split(",")]
+        ms = [json.loads((Path(r) / args.file).read_text()) for r in runs.split(",")]
         rel = lambda k: fmt([m.get("reliance", {}).get(k) for m in ms])
         ts = list(ms[0].get("restoration_psnr_good", {}))
         psnr = ", ".join(f"{'t=' * t.isdigit()}{t} {fmt([m['restoration_psnr_good'][t] for m in ms], 1.0)}"

@@ -2,7 +2,7 @@
 
     git -C PATH/TO/DiffusionAD.git archive HEAD | tar -x -C /tmp/authors      # HuiZhang0812/DiffusionAD
     git -C PATH/TO/DRAEM.git archive HEAD | tar -x -C /tmp/draem              # VitjanZ/DRAEM (optional)
-    python docs/authors_check.py --authors /tmp/authors --draem /tmp/draem [--size 256 --base 128]
+    python scripts/authors_check.py --authors /tmp/authors --draem /tmp/draem [--size 256 --base 128]
 
 Builds the authors' UNetModel and SegmentationSubNetwork from their files (imported from --authors at run time;
 nothing of theirs is in this repository) with random weights: every parameter redrawn, the zero-initialised layers
@@ -17,7 +17,7 @@ predict_x_0_from_eps, clamp (-1, 1), their seg net, train.py's BinaryFocalLoss a
 + 5 focal + SmoothL1) with L_noise averaged over every image, both nets in training mode (BatchNorm over the
 batch): the losses, and every parameter's gradient (relative L2 difference).
 
-    python docs/authors_check.py --authors /tmp/authors --pin PARAMS.pt
+    python scripts/authors_check.py --authors /tmp/authors --pin PARAMS.pt
 
 prints, as JSON, their values on the checkpoint PARAMS.pt (tests/test_authors.py writes it) for the inputs of
 pinned_inputs(): the pinned values that tests/test_authors.py checks ours against without their code.
@@ -35,10 +35,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import ablations  # noqa: E402
-import authors  # noqa: E402
-import diffusionad as D  # noqa: E402
-import runs  # noqa: E402
+import diffusionad  # noqa: E402
+from extras.ablations import Autoencoder  # noqa: E402
+from extras.authors import guided_restore, variant_train_loss  # noqa: E402
+from extras.import_authors import authors_weights  # noqa: E402
+from extras.inference import inference_noise, run_inference  # noqa: E402
+from extras.options import RunOptions  # noqa: E402
 
 
 def randomise(net, g):
@@ -138,7 +140,7 @@ def compare_losses(theirs_fn, ours_fn, unet, seg, model):
     loss_diff = max(abs(theirs[k].item() - ours[k].item()) for k in ("noise", "mask", "total"))
     grads = {f"unet.{k}": (p.grad, dict(model.denoiser.named_parameters())[k].grad) for k, p in unet.named_parameters()}
     seg_ours = dict(model.seg.named_parameters())
-    names = {theirs: ours for ours, theirs in authors.authors_weights({}, {k: k for k, _ in seg.named_parameters()})[1].items()}
+    names = {theirs: ours for ours, theirs in authors_weights({}, {k: k for k, _ in seg.named_parameters()})[1].items()}
     grads.update({f"seg.{names[k]}": (p.grad, seg_ours[names[k]].grad) for k, p in seg.named_parameters()})
     # relative to the tensor's gradient, floored at 1e-3 of its network's: a conv bias before a BatchNorm has a
     # gradient of zero up to float rounding, so its own relative difference is noise
@@ -150,68 +152,69 @@ def compare_losses(theirs_fn, ours_fn, unet, seg, model):
     return theirs, loss_diff, worst, rel[worst]
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--authors", required=True, help="a work tree of HuiZhang0812/DiffusionAD")
-    ap.add_argument("--draem", help="a work tree of VitjanZ/DRAEM (for the DRAEM+ autoencoder's count)")
-    ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--base", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--pin", help="an authors' checkpoint: print their values on pinned_inputs as JSON, and stop")
-    a = ap.parse_args()
-    sys.path.insert(0, a.authors)
-    for name in ("matplotlib", "matplotlib.pyplot", "torchvision", "torchvision.transforms"):  # DDPM.py imports them
+def their_modules(args):
+    """Their UNetModel, SegmentationSubNetwork, GaussianDiffusionModel, get_beta_schedule and focal loss, imported from
+    the work tree args.authors (DDPM.py's plotting imports stubbed)."""
+    sys.path.insert(0, args.authors)
+    for name in ("matplotlib", "matplotlib.pyplot", "torchvision", "torchvision.transforms"):
         sys.modules.setdefault(name, types.ModuleType(name))
     sys.modules["torchvision.transforms"].GaussianBlur = lambda **kw: None
     sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
     from models.Recon_subnetwork import UNetModel
     from models.Seg_subnetwork import SegmentationSubNetwork
     from models.DDPM import GaussianDiffusionModel, get_beta_schedule
-    focal = their_focal_loss(a.authors)
-    if a.pin:
-        return pin(a, UNetModel, SegmentationSubNetwork, GaussianDiffusionModel, get_beta_schedule, focal)
+    return UNetModel, SegmentationSubNetwork, GaussianDiffusionModel, get_beta_schedule, their_focal_loss(args.authors)
 
+
+def count_parameters(args, UNetModel, SegmentationSubNetwork):
     count = lambda m: sum(p.numel() for p in m.parameters())
     with torch.device("meta"):
-        cfg = D.Config()
+        cfg = diffusionad.Config()
         print(f"paper's configuration (256 px, base 128, attention 32,16,8, 4 heads): denoiser theirs "
-              f"{count(UNetModel(256, 128, n_heads=4, in_channels=3)):,} ours {count(D.DenoisingUNet(cfg)):,}; "
-              f"seg net theirs {count(SegmentationSubNetwork(6, 1)):,} ours {count(D.SegmentationUNet(6, 64)):,}")
-        if a.draem:
-            sys.path.insert(0, a.draem)
+              f"{count(UNetModel(256, 128, n_heads=4, in_channels=3)):,} ours {count(diffusionad.DenoisingUNet(cfg)):,}; "
+              f"seg net theirs {count(SegmentationSubNetwork(6, 1)):,} ours {count(diffusionad.SegmentationUNet(6, 64)):,}")
+        if args.draem:
+            sys.path.insert(0, args.draem)
             from model_unet import ReconstructiveSubNetwork
             print(f"DRAEM+ autoencoder: DRAEM's ReconstructiveSubNetwork {count(ReconstructiveSubNetwork(3, 3)):,} "
-                  f"ours {count(ablations.Autoencoder(128)):,}")
+                  f"ours {count(Autoencoder(128)):,}")
 
-    g = torch.Generator().manual_seed(0)
-    args = defaultdict(str, {"img_size": [a.size, a.size], "base_channels": a.base, "dropout": 0, "num_heads": 4,
-                             "num_head_channels": -1, "channels": 3, "T": 1000, "beta_schedule": "linear",
-                             "channel_mults": ""})
-    unet = randomise(UNetModel(a.size, a.base, channel_mults="", dropout=0, n_heads=4, n_head_channels=-1,
+
+def imported_pair(args, UNetModel, SegmentationSubNetwork, g):
+    """Their networks with random weights, saved as their train.py saves them and imported by import-authors: (their
+    UNet, their seg net, the run as the paper's DiffusionAD, the run as itself (their version), its Config, args)."""
+    theirs = defaultdict(str, {"img_size": [args.size, args.size], "base_channels": args.base, "dropout": 0,
+                               "num_heads": 4, "num_head_channels": -1, "channels": 3, "T": 1000,
+                               "beta_schedule": "linear", "channel_mults": ""})
+    unet = randomise(UNetModel(args.size, args.base, channel_mults="", dropout=0, n_heads=4, n_head_channels=-1,
                                in_channels=3), g).eval()
     seg = randomise(SegmentationSubNetwork(in_channels=6, out_channels=1), g).eval()
     with tempfile.TemporaryDirectory() as tmp:
         params = Path(tmp) / "params-last.pt"
         torch.save({"n_epoch": 7, "unet_model_state_dict": unet.state_dict(),
-                    "seg_model_state_dict": seg.state_dict(), "args": args}, params)
-        subprocess.run([sys.executable, str(Path(D.__file__)), "import-authors", str(params), "--out",
+                    "seg_model_state_dict": seg.state_dict(), "args": theirs}, params)
+        subprocess.run([sys.executable, str(Path(diffusionad.__file__)), "import-authors", str(params), "--out",
                         str(Path(tmp) / "run"), "--device", "cpu"], check=True)
-        state, cfg, opts = runs.load_checkpoint(Path(tmp) / "run" / "ckpt.pt", D.Config)
-    model = D.build_model(cfg, state).eval()
-    ddpm = GaussianDiffusionModel(args["img_size"], get_beta_schedule(1000, "linear"), img_channels=3)
-    x0 = torch.rand(a.batch, 3, a.size, a.size, generator=g)
+        model, cfg = diffusionad.load(Path(tmp) / "run", cls=diffusionad.DiffusionAD)  # their networks as the paper's DiffusionAD
+        imported = diffusionad.load(Path(tmp) / "run")[0]  # the run's own class: their released version
+    return unet, seg, model, imported, cfg, theirs
+
+
+def compare_outputs(args, unet, seg, ddpm, model, cfg, g):
+    """max |ours - theirs| of the predicted noise at several t, the mask probabilities and Alg. 2's map and score."""
+    x0 = torch.rand(args.batch, 3, args.size, args.size, generator=g)
     worst = {}
     with torch.no_grad():
         for t in (0, 100, 200, 999):
-            tt = torch.full((a.batch,), t)
+            tt = torch.full((args.batch,), t)
             x_t = ddpm.sample_q(x0, tt, torch.randn(x0.shape, generator=g))
             worst[f"eps t={t}"] = (unet(x_t, tt) - model.denoiser(x_t, tt)).abs().max().item()
         both = torch.cat([x0, torch.rand(x0.shape, generator=g)], 1)
         worst["mask probability"] = (seg(both) - torch.sigmoid(model.seg(both))).abs().max().item()
-        eps = D.inference_noise(cfg.seed, 2, a.size)  # Alg. 2's noise, one draw per time step
+        eps = inference_noise(cfg.seed, 2, args.size)  # Alg. 2's noise, one draw per time step
         theirs = []
         for k, t in enumerate((100, 200)):  # Alg. 2 written out with their modules
-            tt = torch.full((a.batch,), t)
+            tt = torch.full((args.batch,), t)
             x_t = ddpm.sample_q(x0, tt, eps[k].expand_as(x0))
             x0_hat = ddpm.predict_x_0_from_eps(x_t, tt, unet(x_t, tt)).clamp(-1, 1)
             theirs.append(seg(torch.cat([x0, x0_hat], 1))[:, 0])
@@ -220,57 +223,80 @@ def main():
         maps, scores, _ = model.anomaly_maps(x0, (100, 200), eps)
         worst["Alg. 2 map"] = (maps - their_map).abs().max().item()
         worst["Alg. 2 score"] = (scores - their_score).abs().max().item()
-    print(f"outputs, {a.size} px, base {a.base}, {a.batch} random images, max |ours - theirs|:")
+    print(f"outputs, {args.size} px, base {args.base}, {args.batch} random images, max |ours - theirs|:")
     for k, v in worst.items():
         print(f"  {k:<18} {v:.2e}")
-    ok = max(worst.values()) <= 1e-4
-    v, w = pinned_variant_inputs(a.size), 1.0  # x0, mask, is_normal, t_normal, t_noisier, eps_normal, eps_noisier
-    unet.eval(), seg.eval(), model.eval()  # before the training-mode steps below move the BatchNorm statistics
+    return max(worst.values()) <= 1e-4
+
+
+def compare_variant(args, unet, seg, ddpm, model, imported, cfg):
+    """Their guided restoration and eval.py's maps against ours (eval mode); True when within 1e-5."""
+    v, w = pinned_variant_inputs(args.size), 1.0  # x0, mask, is_normal, t_normal, t_noisier, eps_normal, eps_noisier
+    unet.eval(), seg.eval(), model.eval()  # before the training-mode steps move the BatchNorm statistics
     with torch.no_grad():
-        restored = (their_guided(unet, ddpm, v[0], *v[3:], w) - authors.guided_restore(model, v[0], *v[3:], w))
-        imported = authors.build_model(cfg, runs.RunOptions(variant="authors", condition_w=w), state).eval()
-        noise = D.inference_noise(cfg.seed, 2, a.size)
-        ours_maps = D.run_inference(imported, v[0], D.Config(**{**vars(cfg), "eval_t": "200,400"}),
-                                    runs.RunOptions(variant="authors", eval_batch=4, log_every=1e9), torch.device("cpu"))[0]
+        restored = (their_guided(unet, ddpm, v[0], *v[3:], w) - guided_restore(model, v[0], *v[3:], w))
+        noise = inference_noise(cfg.seed, 2, args.size)
+        ours_maps = run_inference(imported, v[0], diffusionad.Config(**{**vars(cfg), "eval_t": (200, 400)}),
+                                  RunOptions(variant="authors", eval_batch=4, log_every=1e9), torch.device("cpu"))[0]
         theirs_maps = their_eval_maps(unet, seg, ddpm, v[0], noise, (200, 400), w)
     diff_restore, diff_maps = restored.abs().max().item(), (torch.from_numpy(ours_maps) - theirs_maps).abs().max().item()
     print(f"guided restoration (eval mode): max |ours - theirs| {diff_restore:.2e}; the maps of an imported run's "
           f"eval against their eval.py's (t = 200, 400, the same noise, 6 images): {diff_maps:.2e}")
-    ok = ok and diff_restore <= 1e-5 and diff_maps <= 1e-5
-    x0, mask, t, eps = pinned_inputs(a.size)
+    return diff_restore <= 1e-5 and diff_maps <= 1e-5
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--authors", required=True, help="a work tree of HuiZhang0812/DiffusionAD")
+    ap.add_argument("--draem", help="a work tree of VitjanZ/DRAEM (for the DRAEM+ autoencoder's count)")
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--base", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--pin", help="an authors' checkpoint: print their values on pinned_inputs as JSON, and stop")
+    args = ap.parse_args()
+    UNetModel, SegmentationSubNetwork, GaussianDiffusionModel, get_beta_schedule, focal = their_modules(args)
+    if args.pin:
+        return pin(args, UNetModel, SegmentationSubNetwork, GaussianDiffusionModel, get_beta_schedule, focal)
+    count_parameters(args, UNetModel, SegmentationSubNetwork)
+    g = torch.Generator().manual_seed(0)
+    unet, seg, model, imported, cfg, theirs = imported_pair(args, UNetModel, SegmentationSubNetwork, g)
+    ddpm = GaussianDiffusionModel(theirs["img_size"], get_beta_schedule(1000, "linear"), img_channels=3)
+    ok = compare_outputs(args, unet, seg, ddpm, model, cfg, g)
+    ok = compare_variant(args, unet, seg, ddpm, model, imported, cfg) and ok
+    x0, mask, t, eps = pinned_inputs(args.size)
     _, loss_diff, name, rel = compare_losses(lambda: their_alg1(unet, seg, ddpm, focal, x0, mask, t, eps),
                                              lambda: model.train_loss(x0, mask, t, eps), unet, seg, model)
     print(f"Alg. 1 on 3 normal + 3 synthetic images, training mode: max |loss ours - theirs| {loss_diff:.2e} "
           f"(noise, mask, total); largest relative gradient difference {rel:.2e} ({name})")
     ok = ok and loss_diff <= 1e-6 and rel <= 2e-2
+    v, w = pinned_variant_inputs(args.size), 1.0
     _, loss_diff, name, rel = compare_losses(lambda: their_variant(unet, seg, ddpm, focal, *v, w),
-                                             lambda: authors.variant_train_loss(model, *v, w), unet, seg, model)
+                                             lambda: variant_train_loss(model, *v, w), unet, seg, model)
     print(f"their training step (norm-guided), training mode: max |loss ours - theirs| {loss_diff:.2e}; largest "
           f"relative gradient difference {rel:.2e} ({name})")
     ok = ok and loss_diff <= 1e-6 and rel <= 2e-2
-
     print("PASS: outputs <= 1e-4, losses <= 1e-6, gradients <= 2e-2 relative, guided restoration and maps <= 1e-5"
           if ok else "FAIL")
     sys.exit(0 if ok else 1)
 
 
-def pin(a, UNetModel, SegmentationSubNetwork, GaussianDiffusionModel, get_beta_schedule, focal):
-    """Their values on the checkpoint a.pin for pinned_inputs, as JSON."""
-    ckpt = torch.load(a.pin, weights_only=False)
-    args = ckpt["args"]
-    unet = UNetModel(args["img_size"][0], args["base_channels"], channel_mults=args["channel_mults"], dropout=0,
-                     n_heads=args["num_heads"], n_head_channels=args["num_head_channels"], in_channels=3)
+def pin(args, UNetModel, SegmentationSubNetwork, GaussianDiffusionModel, get_beta_schedule, focal):
+    """Their values on the checkpoint args.pin for pinned_inputs, as JSON."""
+    ckpt = torch.load(args.pin, weights_only=False)
+    theirs = ckpt["args"]
+    unet = UNetModel(theirs["img_size"][0], theirs["base_channels"], channel_mults=theirs["channel_mults"], dropout=0,
+                     n_heads=theirs["num_heads"], n_head_channels=theirs["num_head_channels"], in_channels=3)
     unet.load_state_dict(ckpt["unet_model_state_dict"])
     seg = SegmentationSubNetwork(in_channels=6, out_channels=1,
                                  base_channels=ckpt["seg_model_state_dict"]["encoder_segment.block1.0.weight"].shape[0])
     seg.load_state_dict(ckpt["seg_model_state_dict"])
-    ddpm = GaussianDiffusionModel(args["img_size"], get_beta_schedule(1000, "linear"), img_channels=3)
-    size = args["img_size"][0]
+    ddpm = GaussianDiffusionModel(theirs["img_size"], get_beta_schedule(1000, "linear"), img_channels=3)
+    size = theirs["img_size"][0]
     v = pinned_variant_inputs(size)
     unet.eval(), seg.eval()  # first: the training-mode steps below move the BatchNorm statistics
     with torch.no_grad():
         x0_hat = their_guided(unet, ddpm, v[0], *v[3:], 1.0)
-        maps = their_eval_maps(unet, seg, ddpm, v[0], D.inference_noise(0, 2, size), (200, 400), 1.0)
+        maps = their_eval_maps(unet, seg, ddpm, v[0], inference_noise(0, 2, size), (200, 400), 1.0)
     pins = {"guided": {"sum": x0_hat.double().sum().item(), "abs_sum": x0_hat.double().abs().sum().item(),
                        "first": x0_hat.flatten()[:4].tolist()},
             "eval_maps": {"sum": maps.double().sum().item(), "scores": maps.flatten(1).topk(50, 1).values.mean(1).tolist()}}

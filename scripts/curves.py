@@ -1,7 +1,7 @@
 """The README's training curves: test metrics of the checkpoints a run kept (`--keep-ckpts`) and of its
 final model, mean +- standard deviation over seeds. A curve to report, never a way to pick a model.
 
-python docs/curves.py OUT.png full=runs/mt-full-s0,runs/mt-full-s1 seg-only=runs/mt-seg-s0,runs/mt-seg-s1
+python scripts/curves.py OUT.png full=runs/mt-full-s0,runs/mt-full-s1 seg-only=runs/mt-seg-s0,runs/mt-seg-s1
 Reads RUN/eval_ckpt_<step>_*.json and RUN/eval_ckpt_*.json (written by `diffusionad.py eval`); prints
 the numbers and draws image AUROC, PRO and restoration PSNR (t = 100) against the training step.
 """

@@ -1,6 +1,6 @@
 """Line charts with PIL alone (no plotting dependency), for the README's curves.
 
-python docs/plot.py loss RUN/log.csv OUT.png          # training losses against the step
+python scripts/plot.py loss RUN/log.csv OUT.png          # training losses against the step
 Import `chart` to draw any series: {name: (xs, ys, optional spread)}, mean lines with +-spread bands.
 """
 import csv
@@ -76,4 +76,4 @@ if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "loss":
         loss_chart(sys.argv[2], sys.argv[3])
     else:
-        raise SystemExit("usage: python docs/plot.py loss RUN/log.csv OUT.png")
+        raise SystemExit("usage: python scripts/plot.py loss RUN/log.csv OUT.png")

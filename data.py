@@ -406,40 +406,38 @@ class TextureParts:
 class TrainSet(Dataset):
     """Alg. 1's images. Key (epoch, i, synthetic): normal image i as it is, or a synthetic anomaly made from it by
     synthesize with randomness from (seed, epoch, i) alone (the same batches for any number of loader workers).
-    An item: image (3,H,W), mask (1,H,W; zero for a normal image), source (the anomaly-free image N), label, path.
+    An item: image (3,H,W), mask (1,H,W; zero for a normal image), clean (the anomaly-free image N), label, path.
     foreground: F of image i, a callable (i, N, rng) -> (H,W) bool or None with an attribute `fixed` (the same F at
     every epoch: computed once); None or an empty F (< 0.5 %) is the whole image. textures: anomaly source images
     (DTD), used always when dtd_always (texture classes), else half of the time (the authors' code)."""
 
     def __init__(self, normal, seed=0, foreground=None, textures=(), dtd_always=False, shape=None, fill=None):
-        self.normal, self.seed, self.epoch, self.foreground = normal, int(seed), 0, foreground
+        self.normal, self.seed, self.foreground = normal, int(seed), foreground
         self.textures, self.dtd_always, self.shape, self.fill = list(textures), dtd_always, shape, fill
-        self.fixed, self.warned = {}, False
+        self.cached, self.warned = {}, False
 
     def __len__(self):
         return len(self.normal)
-
-    def set_epoch(self, epoch):
-        self.epoch = int(epoch)
 
     def foreground_of(self, i, N, rng):
         H, W = N.shape[:2]
         if self.foreground is not None and not self.foreground.fixed:
             return self.foreground(i, N, rng)
-        if self.foreground is not None and i not in self.fixed:
+        if self.foreground is not None and i not in self.cached:
             fg = self.foreground(i, N, rng)
             why = "no foreground" if fg is None else "an empty foreground" if fg.mean() < 0.005 else ""
-            self.fixed[i] = None if why else np.packbits(fg)
+            self.cached[i] = None if why else np.packbits(fg)
             if why and not self.warned:
                 self.warned = True
                 warnings.warn(f"{why} for {self.normal[i]['path']}: using the whole image (warned once)", stacklevel=3)
-        packed = self.fixed.get(i)
+        packed = self.cached.get(i)
         return np.ones((H, W), bool) if packed is None else np.unpackbits(packed, count=H * W).reshape(H, W).astype(bool)
 
-    def sample(self, i, epoch=None):
-        """Every part of synthetic image i as numpy: image N, anomaly source A, foreground F, mask M, synthetic S."""
+    def sample(self, i, epoch=0):
+        """Every part of synthetic image i of an epoch as numpy: image N, anomaly source A, foreground F, mask M,
+        synthetic S."""
         i = int(i)
-        rng = np.random.default_rng((self.seed, self.epoch if epoch is None else int(epoch), i))
+        rng = np.random.default_rng((self.seed, int(epoch), i))
         item = self.normal[i]
         N = item["image"].numpy().transpose(1, 2, 0)
         fg = self.foreground_of(i, N, rng)
@@ -450,15 +448,15 @@ class TrainSet(Dataset):
                 "path": item["path"]}
 
     def __getitem__(self, key):
-        """key: (epoch, index, synthetic), or an index: the synthetic image of the epoch set by set_epoch."""
-        epoch, i, synthetic = key if isinstance(key, tuple) else (None, key, True)
+        """key: (epoch, index, synthetic)."""
+        epoch, i, synthetic = key
         if not synthetic:
             item = self.normal[int(i)]
-            return {"image": item["image"], "mask": torch.zeros_like(item["image"][:1]), "source": item["image"],
+            return {"image": item["image"], "mask": torch.zeros_like(item["image"][:1]), "clean": item["image"],
                     "label": 0, "path": item["path"]}
         p = self.sample(i, epoch)
         return {"image": chw(p["synthetic"]), "mask": torch.from_numpy(p["mask"][None].copy()),
-                "source": chw(p["image"]), "label": 1, "path": p["path"]}
+                "clean": chw(p["image"]), "label": 1, "path": p["path"]}
 
 
 def epoch_batches(n_items, per_batch, seed, epoch):

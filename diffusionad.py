@@ -33,7 +33,7 @@ from extras.speed import autocast, pick_device, sync
 @dataclass
 class Config:
     """The paper's method; every field is a flag (`img_size` -> `--img-size`), its comment the help. Defaults: the
-    paper's (Sec. 4.2) but beta_end, the authors' code where the paper is silent. The rest: extras/options.py."""
+    paper's (Sec. 4.2) but beta_end, the authors' code where the paper is silent. Ours: extras/options.py."""
     img_size: int = 256  # image side (Sec. 4.2)
     timesteps: int = 1000  # T (Sec. 4.2); t = 0..T-1 index alpha_bar_t (the authors' code; Eq. 2 writes 0..T)
     beta_start: float = 1e-4  # beta_1 of the linear schedule (Eq. 1, Sec. 3.1)
@@ -258,7 +258,7 @@ def mask_loss(logits, mask, gamma):
 class DiffusionAD(nn.Module):
     """The denoising sub-network, the segmentation sub-network and the schedule. Images in [0, 1], as data.py
     yields them and the authors' code trains. opts: a run's options, read by variants with settings of their own."""
-    time_steps = True  # Alg. 2 averages maps over time steps (a variant with one pass has none)
+    uses_time_steps = True  # Alg. 2 averages maps over time steps (a variant with one pass has none)
 
     def __init__(self, cfg, opts=None):
         super().__init__()
@@ -288,12 +288,12 @@ class DiffusionAD(nn.Module):
         """Mask logits M (B,1,H,W) from cat(x0, x0_hat)."""
         return self.seg(torch.cat([x0, x0_hat], dim=1))
 
-    def draw(self, x0, mask, source, label, generator, T):
+    def draw(self, x0, mask, clean, label, generator, T):
         """Alg. 1's draws for a batch, as the arguments of forward: t ~ U{0..T-1} and eps ~ N(0, I), a t per image (the
-        authors' code; Alg. 1 writes one t)."""
+        authors' code; Alg. 1 writes one t). clean (the anomaly-free images) and label serve variants."""
         t = torch.randint(0, T, (len(x0),), generator=generator).to(x0.device)
         eps = torch.randn(x0.shape, generator=generator).to(x0.device)
-        return x0, mask, t, eps, source
+        return x0, mask, t, eps, clean
 
     def train_loss(self, x0, mask, t, eps):
         """Alg. 1 on one batch: x0 (B,3,H,W) normal and synthetic images, mask (B,1,H,W) their anomaly masks (zero
@@ -305,8 +305,8 @@ class DiffusionAD(nn.Module):
         loss_mask = mask_loss(self.segment(x0, x0_hat), mask, self.cfg.gamma)  # Eq. (7)
         return {"noise": loss_noise, "mask": loss_mask, "total": loss_noise + loss_mask}  # Eq. (8)
 
-    def forward(self, x0, mask, t, eps, source=None):
-        """Calling the model is Alg. 1 (DistributedDataParallel wraps this call); source, the anomaly-free image
+    def forward(self, x0, mask, t, eps, clean=None):
+        """Calling the model is Alg. 1 (DistributedDataParallel wraps this call); clean, the anomaly-free image
         under each x0, is not read by Alg. 1."""
         return self.train_loss(x0, mask, t, eps)
 
@@ -400,7 +400,7 @@ def train_step(forward, optimizer, inputs, opts, device):
 def train(cfg, opts, resume=False, cls=DiffusionAD):
     """Alg. 1 on the normal images of opts.data, then the final evaluation (Alg. 2). extras.run.Run does the
     plumbing: run folder, data, device, resuming, compile and torchrun, the loss log, checkpoints, Ctrl-C."""
-    with Run(cfg, opts, resume, Config, getattr(cls, "batches", data.run_batches)) as run:  # or a variant's own
+    with Run(cfg, opts, resume, Config, getattr(cls, "batch_sampler", data.run_batches)) as run:  # or a variant's
         torch.manual_seed(cfg.seed)  # weights (and dropout)
         model = run.place(checks.or_exit(build_model, cfg, run.state, cls=cls, opts=opts))  # weights when resuming
         optimizer = torch.optim.Adam(model.param_groups(), lr=cfg.lr, fused=run.device.type == "cuda")  # Sec. 4.2
@@ -408,8 +408,8 @@ def train(cfg, opts, resume=False, cls=DiffusionAD):
         T = opts.train_t or cfg.timesteps  # the paper: t ~ U{0..T-1}; --train-t narrows it (extras/options.py)
         model.train()
         for batch in run.batches(step):  # distinct normal images: 3 as they are, 3 made synthetic (Sec. 3.3)
-            x0, mask, source, generator = run.inputs(batch, step)  # on the device (cropped if asked)
-            inputs = model.draw(x0, mask, source, batch["label"], generator, T)  # Alg. 1: t ~ U{0..T-1}, eps ~ N(0, I)
+            x0, mask, clean, generator = run.inputs(batch, step)  # on the device (cropped if asked)
+            inputs = model.draw(x0, mask, clean, batch["label"], generator, T)  # Alg. 1: t ~ U{0..T-1}, eps ~ N(0, I)
             lr = run.set_lr(optimizer, step, model.rates)  # the paper's constant rate, or our --lr-schedule
             loss = train_step(forward, optimizer, inputs, opts, run.device)
             step += 1
@@ -448,7 +448,7 @@ def evaluate(model, cfg, opts, test, device, name, threshold=None, maps_dir=None
     if model.denoiser is not None and model.seg is not None:  # the drop with x0_hat := x0
         reports.add_reliance(res, model, images, masks, labels, has_mask, opts, device)
     if model.denoiser is not None:  # PSNR of the restorations (a variant without time steps: its reconstruction)
-        res["restoration_psnr_good"] = reports.psnr(mse, labels, cfg.eval_t if model.time_steps else
+        res["restoration_psnr_good"] = reports.psnr(mse, labels, cfg.eval_t if model.uses_time_steps else
                                                     ("restoration",))
     reports.report(res, items, scores, threshold, cfg, opts, device)
     if maps_dir is not None:

@@ -22,7 +22,7 @@ from diffusionad import DenoisingUNet, DiffusionAD, SegmentationUNet, conv_bn_re
 
 class SegmentationAD(DiffusionAD):
     """Table 3: the segmentation sub-network alone, on x0."""
-    time_steps = False
+    uses_time_steps = False
 
     def build(self, cfg):
         self.denoiser, self.seg = None, SegmentationUNet(3, cfg.seg_channels)
@@ -79,8 +79,8 @@ def ssim_loss(x, y, data_range=1.0):
 
 class DRAEMPlus(DiffusionAD):
     """Table 3's DRAEM+: DRAEM's autoencoder restores x0 (model.denoiser holds it, so that checkpoints keep their
-    two entries), trained to reconstruct the anomaly-free image (source) with L2 + SSIM; the same seg net."""
-    time_steps = False
+    two entries), trained to reconstruct the anomaly-free image (clean) with L2 + SSIM; the same seg net."""
+    uses_time_steps = False
 
     def build(self, cfg):
         self.denoiser, self.seg = Autoencoder(cfg.base_channels), SegmentationUNet(6, cfg.seg_channels)
@@ -88,14 +88,14 @@ class DRAEMPlus(DiffusionAD):
     def restore(self, x0, t=None, eps=None):
         return self.denoiser(x0).clamp(-1, 1)  # clamped as the denoiser's restoration (DRAEM does not clamp)
 
-    def forward(self, x0, mask, t, eps, source=None):
-        return self.train_loss(x0, mask, t, eps, source)
+    def forward(self, x0, mask, t, eps, clean=None):
+        return self.train_loss(x0, mask, t, eps, clean)
 
-    def train_loss(self, x0, mask, t, eps, source=None):
-        """source: the anomaly-free images (default: x0 itself, as for normal images)."""
-        source = x0 if source is None else source
+    def train_loss(self, x0, mask, t, eps, clean=None):
+        """clean: the anomaly-free images (default: x0 itself, as for normal images)."""
+        clean = x0 if clean is None else clean
         x0_hat = self.restore(x0)
-        loss_rec = F.mse_loss(x0_hat, source) + ssim_loss(x0_hat, source)  # DRAEM's reconstruction loss
+        loss_rec = F.mse_loss(x0_hat, clean) + ssim_loss(x0_hat, clean)  # DRAEM's reconstruction loss
         loss_mask = mask_loss(self.segment(x0, x0_hat), mask, self.cfg.gamma)  # Eq. (7)
         return {"rec": loss_rec, "mask": loss_mask, "total": loss_rec + loss_mask}
 

@@ -67,15 +67,15 @@ def authors_batches(n_items, per_batch, seed, start, total, rank=0, world=1):
 class NormGuided(DiffusionAD):
     """The authors' released DiffusionAD: the same networks, trained with their step and evaluated as their eval.py.
     opts (RunOptions): guide_t, condition_w, seg_lr, seg_lr_period (their less_t_range, condition_w, seg_lr, T_max)."""
-    time_steps = False  # one guided restoration
-    batches = staticmethod(authors_batches)
+    uses_time_steps = False  # one guided restoration
+    batch_sampler = staticmethod(authors_batches)
 
     def __init__(self, cfg, opts=None):
         super().__init__(cfg)
         self.guide_t, self.w = (opts.guide_t, opts.condition_w) if opts else (300, 1.0)
         self.seg_lr, self.seg_lr_period = (opts.seg_lr, opts.seg_lr_period) if opts else (1e-5, 10)
 
-    def draw(self, x0, mask, source, label, generator, T):
+    def draw(self, x0, mask, clean, label, generator, T):
         """Their draws: per image a normal t ~ U{0..guide_t-1} and a noisier t ~ U{guide_t..T-1}, two noises."""
         B, device = len(x0), x0.device
         t_normal = torch.randint(0, self.guide_t, (B,), generator=generator).to(device)

@@ -11,7 +11,8 @@ def parser(config_cls, doc):
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="Alg. 1: train on the normal images of --data, then evaluate", allow_abbrev=False)
     add_flags(t, config_cls)
-    t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out (or the default run folder) from "
+                   "its checkpoint")
     e = sub.add_parser("eval", help="Alg. 2 on the test split: metrics, FPS, reliance, optional map panels",
                        allow_abbrev=False)
     run_flags(e, "the most recent under runs/")

@@ -16,7 +16,7 @@ def inference_noise(seed, n_steps, size, device="cpu"):
 def batched_maps(model, x0, ts, noise):
     """model.anomaly_maps with the K time steps as one batch of K*B images, one pass per network (the speed path
     of run_inference and export; equal to the loop, tests). A variant without time steps runs its own."""
-    if not model.time_steps:
+    if not model.uses_time_steps:
         return model.anomaly_maps(x0, ts, noise)
     B, K = x0.shape[0], len(ts)  # shape[0], not len(): torch.export keeps the batch size symbolic
     t = torch.tensor(ts, device=x0.device).repeat_interleave(B)  # (K*B,): row k*B+i is image i at ts[k]

@@ -44,10 +44,10 @@ def launch(cfg, opts, resume, train):
 
 class Run:
     """One training run; a context manager that closes the log, restores the signal handlers and releases the lock.
-    Under torchrun rank 0 alone writes to the run folder. batches: the steps' TrainSet keys (data.run_batches)."""
+    Under torchrun rank 0 alone writes to the run folder. batch_sampler: the steps' TrainSet keys (data.run_batches)."""
 
-    def __init__(self, cfg, opts, resume, config_cls, batches=data.run_batches):
-        self.cfg, self.opts, self.sampler = cfg, opts, batches
+    def __init__(self, cfg, opts, resume, config_cls, batch_sampler=data.run_batches):
+        self.cfg, self.opts, self.batch_sampler = cfg, opts, batch_sampler
         self.rank, self.world = rank_and_world()
         self.device, self.folder = pick_device(opts), run_folder(opts)
         self.ckpt_path, self.lock, self.log, self.handlers = self.folder / "ckpt.pt", None, None, {}
@@ -97,20 +97,20 @@ class Run:
             describe(self, workers, step)
         self.t_start, self.step0 = time.time(), step
         self.t_print = self.t_start
-        keys = self.sampler(len(self.trainset), self.cfg.batch_size, self.cfg.seed, step, self.total, self.rank,
+        keys = self.batch_sampler(len(self.trainset), self.cfg.batch_size, self.cfg.seed, step, self.total, self.rank,
                             self.world)
         return torch.utils.data.DataLoader(self.trainset, batch_sampler=keys, num_workers=workers, pin_memory=cuda,
                                            worker_init_fn=ignore_sigint, prefetch_factor=4 if workers else None)
 
     def inputs(self, batch, step):
         """A batch's images, masks and anomaly-free images on the device, and the generator of this step's noise
-        (resumable); random crops with --crop, the same window for an image and its source."""
+        (resumable); random crops with --crop, the same window for an image and its clean one."""
         fmt = memory_format(self.opts, self.device)
         x0 = batch["image"].to(self.device, non_blocking=True).contiguous(memory_format=fmt)
         mask = batch["mask"].to(self.device, non_blocking=True)
-        source = batch["source"].to(self.device, non_blocking=True).contiguous(memory_format=fmt)
+        clean = batch["clean"].to(self.device, non_blocking=True).contiguous(memory_format=fmt)
         g = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + step) * self.world + self.rank)
-        return (*random_crops(x0, mask, self.opts.crop, g, source), g) if self.opts.crop else (x0, mask, source, g)
+        return (*random_crops(x0, mask, self.opts.crop, g, clean), g) if self.opts.crop else (x0, mask, clean, g)
 
     def set_lr(self, opt, step, rates):
         """Each parameter group's rate at 0-based `step`: rates(lr_at(step), step). Returns the first."""

@@ -449,20 +449,20 @@ def test_perlin_tiles_and_augmentations():
 def test_trainset_items_and_determinism():
     normal = folders.open_data("synthetic", "train", 32)
     ts = make_ts(normal, seed=3)
-    it, plain = ts[5], ts[(0, 5, False)]
-    assert set(it) == set(plain) == {"image", "mask", "source", "label", "path"}
-    assert it["image"].shape == it["source"].shape == (3, 32, 32) and it["mask"].shape == (1, 32, 32)
-    assert torch.equal(it["source"], normal[5]["image"]) and it["mask"].sum() > 0  # made from image 5
+    it, plain = ts[(0, 5, True)], ts[(0, 5, False)]
+    assert set(it) == set(plain) == {"image", "mask", "clean", "label", "path"}
+    assert it["image"].shape == it["clean"].shape == (3, 32, 32) and it["mask"].shape == (1, 32, 32)
+    assert torch.equal(it["clean"], normal[5]["image"]) and it["mask"].sum() > 0  # made from image 5
     assert not torch.equal(it["image"], normal[5]["image"])
-    assert torch.equal(plain["image"], normal[5]["image"]) and torch.equal(plain["source"], plain["image"])
+    assert torch.equal(plain["image"], normal[5]["image"]) and torch.equal(plain["clean"], plain["image"])
     assert plain["mask"].sum() == 0
-    again = make_ts(folders.open_data("synthetic", "train", 32), seed=3)[5]
-    assert torch.equal(it["image"], again["image"]) and torch.equal(ts[(0, 5, True)]["image"], it["image"])
-    ts.set_epoch(1)
-    assert not torch.equal(ts[5]["image"], it["image"])
-    assert not torch.equal(make_ts(normal, seed=4)[5]["image"], it["image"])
+    again = make_ts(folders.open_data("synthetic", "train", 32), seed=3)[(0, 5, True)]
+    assert torch.equal(it["image"], again["image"])
+    assert np.array_equal(ts.sample(5)["synthetic"], it["image"].numpy().transpose(1, 2, 0))
+    assert not torch.equal(ts[(1, 5, True)]["image"], it["image"])
+    assert not torch.equal(make_ts(normal, seed=4)[(0, 5, True)]["image"], it["image"])
     plain_ts = data.TrainSet(normal, seed=3)  # data.py alone: the whole image as the foreground, self-augmentation
-    assert plain_ts.sample(5)["foreground"].all() and plain_ts[5]["mask"].sum() > 0
+    assert plain_ts.sample(5)["foreground"].all() and plain_ts[(0, 5, True)]["mask"].sum() > 0
 
 
 def test_a_step_takes_distinct_images_half_normal_half_synthetic():
@@ -540,10 +540,10 @@ def test_foreground_folder_is_used_and_missing_file_falls_back(tmp_path):
     assert ts.kind == "mask"
     for i in range(2):
         for e in range(3):
-            ts.set_epoch(e)
-            assert ts[i]["mask"][0, :, 16:].sum() == 0 and ts[i]["mask"].sum() > 0
+            m = ts[(e, i, True)]["mask"]
+            assert m[0, :, 16:].sum() == 0 and m.sum() > 0
     with pytest.warns(UserWarning, match="no foreground for .*002.png: using the whole image"):
-        assert ts[2]["mask"].sum() > 0
+        assert ts[(0, 2, True)]["mask"].sum() > 0
 
 
 def test_failing_foreground_estimate_falls_back_and_warns_once(tmp_path):
@@ -555,8 +555,7 @@ def test_failing_foreground_estimate_falls_back_and_warns_once(tmp_path):
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         for e in range(2):
-            ts.set_epoch(e)
-            assert all(ts[i]["mask"].sum() > 0 for i in range(4))
+            assert all(ts[(e, i, True)]["mask"].sum() > 0 for i in range(4))
     assert len(w) == 1 and "whole image" in str(w[0].message)
 
 
@@ -580,8 +579,7 @@ def test_the_authors_foreground_folders_are_read_as_they_are(tmp_path):
     ts = make_ts(data.open_dataset(tex, "train", 32), seed=0)
     seen = set()
     for e in range(12):
-        ts.set_epoch(e)
-        F = ts.sample(e % 3)["foreground"]
+        F = ts.sample(e % 3, e)["foreground"]
         rows = np.nonzero(F.any(1))[0]
         assert F.sum() == 16 * 32 and rows.max() - rows.min() == 15
         seen.add(int(rows.min()))

@@ -256,7 +256,7 @@ def test_ablations_train_and_infer(ablation):
         maps, scores, _ = model.eval().anomaly_maps(x0, (100, 200), torch.randn(2, 3, 32, 32))
         fast = batched_maps(model, x0, (100, 200), torch.randn(2, 3, 32, 32))
     assert maps.shape == (6, 32, 32) and scores.shape == (6,) and fast[0].shape == (6, 32, 32)
-    assert model.time_steps == (ablation == "denoise-only")
+    assert model.uses_time_steps == (ablation == "denoise-only")
 
 
 # ---------------------------------------------------------------- runs, checkpoints, resume
@@ -856,7 +856,7 @@ def test_crops_of_an_image_and_of_its_anomaly_free_source_are_the_same_window():
     x0, mask = clean.clone(), torch.zeros(6, 1, 64, 64)
     mask[3:, :, 40:50, 5:15] = 1
     x0[3:, :, 40:50, 5:15] = 1 - x0[3:, :, 40:50, 5:15]
-    xc, mc, sc, _ = runs.Run.inputs(fake, {"image": x0, "mask": mask, "source": clean}, step=3)
+    xc, mc, sc, _ = runs.Run.inputs(fake, {"image": x0, "mask": mask, "clean": clean}, step=3)
     assert xc.shape == sc.shape == (6, 3, 32, 32)
     assert torch.equal(xc * (1 - mc), sc * (1 - mc)) and mc[3:].flatten(1).sum(1).min() > 0
     model = ablations.DRAEMPlus(cfg)

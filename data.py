@@ -167,9 +167,12 @@ def open_image(path):
     return im
 
 
+def hw(size):  # (height, width) of a size: S -> (S, S); (H, W) for images that are not square (ours)
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
 def rgb(im, size):
-    """Any PIL mode -> float32 (S,S,3) in [0, 1], resized bilinearly (anti-aliased when shrinking); 16-bit divided by
-    65535; grayscale -> 3 equal channels; alpha dropped."""
+    """Any PIL mode -> float32 (H,W,3) in [0, 1] at size, bilinear (anti-aliased when shrinking); 16-bit / 65535."""
     if im.mode in ("I", "F") or im.mode.startswith("I;16"):
         a = np.asarray(im, dtype=np.float32)
         a = a / (65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0 if a.max() > 1 else 1.0)
@@ -178,7 +181,7 @@ def rgb(im, size):
         im = im.convert("L")
     else:
         im = (im.convert("RGBA") if im.mode == "P" else im).convert("RGB")
-    a = np.asarray(im.resize((size, size), Image.BILINEAR), dtype=np.float32)
+    a = np.asarray(im.resize(hw(size)[::-1], Image.BILINEAR), dtype=np.float32)
     a = a / 255 if im.mode != "F" else a
     return np.repeat(a[..., None], 3, axis=2) if a.ndim == 2 else a
 
@@ -191,26 +194,28 @@ def nonzero(im):
 
 
 def nearest(a, size):
-    """Nearest-neighbour resize of a bool (H,W) array: each output pixel samples the source pixel under its centre."""
-    rows = np.minimum(((np.arange(size) + 0.5) * a.shape[0] / size).astype(int), a.shape[0] - 1)
-    cols = np.minimum(((np.arange(size) + 0.5) * a.shape[1] / size).astype(int), a.shape[1] - 1)
+    """Nearest-neighbour resize of a bool array to size (hw): each output pixel samples the pixel under its centre."""
+    (H, W), (h, w) = hw(size), a.shape
+    rows = np.minimum(((np.arange(H) + 0.5) * h / H).astype(int), h - 1)
+    cols = np.minimum(((np.arange(W) + 0.5) * w / W).astype(int), w - 1)
     return a[rows][:, cols]
 
 
 def at_half(im, size):
-    """Bool (S,S) of a soft mask image: where it reaches half its range (>= 128 of 255) after a bilinear resize."""
-    return np.asarray(im.convert("L").resize((size, size), Image.BILINEAR)) >= 128
+    """Bool (H,W) of a soft mask image: where it reaches half its range (>= 128 of 255) after a bilinear resize."""
+    return np.asarray(im.convert("L").resize(hw(size)[::-1], Image.BILINEAR)) >= 128
 
 
 def defect_mask(im, size):
-    """A ground-truth mask at size x size: non-zero pixels, resized nearest; a defect region (8-connected) that no
-    output pixel samples keeps one pixel at its centre. Returns (float32 (S,S) of 0/1, how many regions kept so)."""
+    """A ground-truth mask at size (hw): non-zero pixels, resized nearest; a defect region (8-connected) that no
+    output pixel samples keeps one pixel at its centre. Returns (float32 (H,W) of 0/1, how many regions kept so)."""
     a = nonzero(im)
     m = nearest(a, size)
     labels, n = ndimage.label(a, np.ones((3, 3), bool))
     lost = sorted(set(range(1, n + 1)) - set(np.unique(nearest(labels, size)).tolist())) if n else []
+    H, W = hw(size)
     for cy, cx in ndimage.center_of_mass(a, labels, lost) if lost else []:
-        m[min(int(cy * size / a.shape[0]), size - 1), min(int(cx * size / a.shape[1]), size - 1)] = True
+        m[min(int(cy * H / a.shape[0]), H - 1), min(int(cx * W / a.shape[1]), W - 1)] = True
     return m.astype(np.float32), len(lost)
 
 
@@ -233,7 +238,7 @@ class ImageDataset(Dataset):
     """Records (image path, mask path or None, label, defect), read when an item is asked for."""
 
     def __init__(self, records, img_size, root, layout):
-        self.records, self.img_size, self.root, self.layout = records, int(img_size), Path(root), layout
+        self.records, self.img_size, self.root, self.layout = records, img_size, Path(root), layout
         self.name, self.category = self.root.parent.name or "data", self.root.name
         self.warned = False
 
@@ -243,7 +248,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, i):
         path, mask_path, label, defect = self.records[i]
         im = open_image(path)
-        mask, kept = np.zeros((self.img_size, self.img_size), np.float32), 0
+        mask, kept = np.zeros(hw(self.img_size), np.float32), 0
         if mask_path is not None:
             m = open_image(mask_path)
             if m.size != im.size and not self.warned:
@@ -399,7 +404,8 @@ class TextureParts:
         k = int(rng.integers(len(self.files)))
         if k not in self.read:  # read once per worker, packed
             self.read[k] = np.packbits(at_half(open_image(self.files[k]), self.size))
-        return np.unpackbits(self.read[k], count=self.size ** 2).reshape(self.size, self.size).astype(bool)
+        H, W = hw(self.size)
+        return np.unpackbits(self.read[k], count=H * W).reshape(H, W).astype(bool)
 
 
 # ============================================================================ Alg. 1's images and batches

@@ -5,9 +5,8 @@ flawless approximation x0_hat in ONE step (Eq. 5); a segmentation UNet compares 
 pixel-wise anomaly map. Training (Alg. 1) uses normal images plus synthetic anomalies (data.py, Sec. 3.3);
 inference (Alg. 2) averages the maps at t = 100 and 200 and scores an image by the mean of its top-50 values.
 
-In the paper's order: Config -> linear schedule (Eq. 1-2) -> denoising UNet -> segmentation UNet -> DiffusionAD
-(Eq. 2, 5-8, Alg. 1, Alg. 2) -> the training loop -> Alg. 2 over a test split -> the `train` and `eval` verbs.
-The model section (Config to build_model) uses torch alone: copy it out. Deviations: README.md.
+In the paper's order: Config, linear schedule (Eq. 1-2), denoising UNet, segmentation UNet, DiffusionAD (Eq. 2, 5-8,
+Alg. 1, Alg. 2), build_model (torch alone to here: copy it out), training, evaluation, verbs. Deviations: README.md.
 """
 import importlib
 import math
@@ -34,7 +33,7 @@ from extras.speed import autocast, pick_device, sync
 class Config:
     """The paper's method; every field is a flag (`img_size` -> `--img-size`), its comment the help. Defaults: the
     paper's (Sec. 4.2) but beta_end, the authors' code where the paper is silent. Ours: extras/options.py."""
-    img_size: int = 256  # image side (Sec. 4.2)
+    img_size: int = 256  # image side (Sec. 4.2); or (height, width): ours, for images that are not square
     timesteps: int = 1000  # T (Sec. 4.2); t = 0..T-1 index alpha_bar_t (the authors' code; Eq. 2 writes 0..T)
     beta_start: float = 1e-4  # beta_1 of the linear schedule (Eq. 1, Sec. 3.1)
     beta_end: float = 0.02  # beta_T of the linear schedule: 0.02 as DDPM and the authors' code (Sec. 3.1: 1e-2)
@@ -74,13 +73,17 @@ def extract(a, t):
 
 # ------------------------ denoiser eps_theta(x_t, t): the authors' UNetModel module for module (their keys and shapes)
 
+def short_side(cfg):
+    return cfg.img_size if isinstance(cfg.img_size, int) else min(cfg.img_size)
+
+
 def channel_mult(cfg):
     if cfg.channel_mult:
         return tuple(cfg.channel_mult)
     by_size = {256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4), 32: (1, 2, 3, 4)}  # the authors' code
-    if cfg.img_size not in by_size:
+    if short_side(cfg) not in by_size:
         raise ValueError(f"no default --channel-mult for --img-size {cfg.img_size}; pass one, e.g. 1,2,2,4")
-    return by_size[cfg.img_size]
+    return by_size[short_side(cfg)]
 
 
 def norm(ch):
@@ -173,7 +176,7 @@ class DenoisingUNet(nn.Module):
         block = lambda cin, cout, how=None: ResBlock(cin, cout, 4 * ch, cfg.dropout, how)
         attention = lambda c: Attention(c, c // cfg.num_head_channels if cfg.num_head_channels > 0 else cfg.num_heads)
         self.time_embedding = nn.Sequential(TimeEmbedding(ch), nn.Linear(ch, 4 * ch), nn.SiLU(), nn.Linear(4 * ch, 4 * ch))
-        self.down, skips, cur, res = nn.ModuleList([Stage(nn.Conv2d(3, ch, 3, padding=1))]), [ch], ch, cfg.img_size
+        self.down, skips, cur, res = nn.ModuleList([Stage(nn.Conv2d(3, ch, 3, padding=1))]), [ch], ch, short_side(cfg)
         for level, m in enumerate(mult):
             for _ in range(cfg.num_res_blocks):
                 self.down.append(Stage(block(cur, m * ch), *([attention(m * ch)] if res in attn else [])))
@@ -356,8 +359,7 @@ def build_model(cfg, state=None, device="cpu", cls=DiffusionAD, opts=None):
 
 # ----------------------------------------------------------------------------- a run's model
 
-# Every verb and run class beyond this file, by where it lives in extras/ (those modules import this one): the one
-# table through which this file imports them, when a command or a run needs one.
+# The verbs and run classes in extras/ (they import this file): the one table through which it imports them, late.
 ELSEWHERE = {"predict": "extras.predict:main", "export": "extras.export:main", "bench": "extras.bench:main",
              "table": "extras.benchmarks:main", "import-authors": "extras.import_authors:main",
              "preview": "extras.data_verbs:preview", "resize": "extras.data_verbs:resize",
@@ -378,8 +380,7 @@ def model_class(opts):
 
 
 def load(run, cls=None, device="cpu"):
-    """(model, cfg) of a run folder or its ckpt.pt, in eval mode: the run's own class, or cls (an import-authors run
-    as the paper's DiffusionAD, say: the same networks)."""
+    """(model, cfg) of a run folder or its ckpt.pt in eval mode, as the run's own class or as cls (DiffusionAD...)."""
     path = Path(run) / "ckpt.pt" if Path(run).is_dir() else Path(run)
     state, cfg, opts = load_checkpoint(path, Config)
     return checks.or_exit(build_model, cfg, state, device, cls or model_class(opts), opts).eval(), cfg

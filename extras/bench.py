@@ -90,15 +90,15 @@ def bench_inference(cfg, opts, device, n_images, mem):
     """Alg. 2: the authors' loop (one image, one time step at a time) against the shipped path."""
     model = diffusionad.build_model(cfg, device=device, cls=diffusionad.model_class(opts), opts=opts).eval()
     ts = cfg.eval_t
-    images = torch.rand(n_images, 3, cfg.img_size, cfg.img_size)
-    noise = torch.randn(n_images, len(ts), 3, cfg.img_size, cfg.img_size, device=device)
+    images = torch.rand(n_images, 3, *data.hw(cfg.img_size))
+    noise = torch.randn(n_images, len(ts), 3, *data.hw(cfg.img_size), device=device)
 
     def naive():  # the authors' evaluation: one image and one time step at a time, autograd on, fp32
         for i in range(n_images):
             x = images[i: i + 1].to(device)
             m = torch.stack([model.anomaly_maps(x, (t,), noise[i, k: k + 1])[0] for k, t in enumerate(ts)]).mean(0)
             m.flatten(1).topk(cfg.top_k, dim=1).values.mean(1).item()
-    print(f"inference, {cfg.img_size}x{cfg.img_size}, base {cfg.base_channels}, t = {cfg.eval_t}, {n_images} images, "
+    print(f"inference, {'x'.join(map(str, data.hw(cfg.img_size)))}, base {cfg.base_channels}, t = {cfg.eval_t}, {n_images} images, "
           f"{device}:")
     base_fps = None
     plain = replace(opts, amp=False, compile=False, log_every=1e9)

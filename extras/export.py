@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+import data
+
 from extras.checkpoints import atomic_write
 from extras.inference import batched_maps, inference_noise
 from extras.predict import open_model
@@ -32,15 +34,16 @@ def main(args):
     check_export_path(args.out)  # before any work
     path, state, cfg, opts, model = open_model(args)
     program = Alg2Program(model, cfg).eval().requires_grad_(False)
-    example = torch.rand(2, 3, cfg.img_size, cfg.img_size)
+    H, W = data.hw(cfg.img_size)
+    example = torch.rand(2, 3, H, W)
     exported = torch.export.export(program, (example,), dynamic_shapes=({0: torch.export.Dim("batch", max=4096)},))
     threshold, source = stored_threshold(state, cfg, opts, path)
     export_files(args.out, exported, {
         "checkpoint": str(path), "threshold": None if threshold is None else threshold["value"],
-        "threshold_rule": threshold or source, "img_size": cfg.img_size,
+        "threshold_rule": threshold or source, "img_size": cfg.img_size, "height": H, "width": W,
         "eval_t": list(cfg.eval_t), "top_k": cfg.top_k,
-        "input": f"float32 (B, 3, {cfg.img_size}, {cfg.img_size}) RGB in [0, 1], resized bilinearly",
-        "outputs": "maps (B, S, S) in [0, 1], scores (B,); anomalous when score >= threshold"})
+        "input": f"float32 (B, 3, {H}, {W}) RGB in [0, 1], resized bilinearly",
+        "outputs": f"maps (B, {H}, {W}) in [0, 1], scores (B,); anomalous when score >= threshold"})
 
 
 def check_export_path(out):

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from torch.utils.data import Dataset
 
 import data
@@ -138,3 +139,39 @@ def find_classes(root):
         return [root / n for n in names if (root / n / "Data" / "Images").is_dir()]
     natural = lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]  # Class2 < Class10
     return sorted((p for p in root.iterdir() if p.is_dir() and data.open_layout(p) is not None), key=natural)
+
+
+def fitted(width, height, side, multiple):
+    """The shape an image of width x height takes at `side`: its short side at side, the long one at the same aspect
+    rounded to a multiple of `multiple`; side itself (square) where that rounds to side."""
+    long = max(multiple, round(side * max(width, height) / min(width, height) / multiple) * multiple)
+    return side if long == side else (side, long) if width >= height else (long, side)
+
+
+def image_shape(path, side, multiple):
+    """--img-size when none is given: side, or the one shape that every training image of a plain folder or of a
+    class in MVTec AD's or DAGM's layout takes at side (fitted) where it is not square. VisA (the paper resizes its
+    images to squares), the built-in set and benchmark roots: side. A plain folder of several shapes: ValueError."""
+    root = Path(path).expanduser()
+    if str(path).startswith("synthetic") or not root.is_dir() or data.open_layout(root) in ("visa-raw", "visa-1cls") \
+            or find_classes(root):
+        return side
+    try:
+        records = open_data(root, "train", side).records
+    except (FileNotFoundError, ValueError):
+        return side  # the checks before training say what is wrong
+    shapes = {}
+    for p, *_ in records:
+        try:
+            with Image.open(p) as im:
+                shapes.setdefault(fitted(*im.size, side, multiple), []).append(p)
+        except Exception:
+            continue  # an unreadable file: the checks before training name it
+    if len(shapes) == 1:
+        return next(iter(shapes))
+    if len(shapes) > 1 and data.open_layout(root) is None:
+        show = lambda s: f"{s}x{s}" if isinstance(s, int) else f"{s[0]}x{s[1]}"
+        examples = ", ".join(f"{len(ps)} at {show(s)} (e.g. {Path(ps[0]).name})" for s, ps in list(shapes.items())[:4])
+        raise ValueError(f"{root}: its images have {len(shapes)} different shapes at --img-size {side}: {examples}; "
+                         f"pass --img-size HEIGHT,WIDTH to resize every image to one shape ({side},{side}: squares)")
+    return side

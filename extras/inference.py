@@ -3,6 +3,8 @@ NHWC, bf16 autocast and torch.compile as asked; the noise, one draw per time ste
 Alg. 2 itself is diffusionad.DiffusionAD.anomaly_maps; batched_maps equals it (tests)."""
 import torch
 
+import data
+
 from extras.reports import Progress
 from extras.speed import autocast, compiled, memory_format
 
@@ -10,7 +12,7 @@ from extras.speed import autocast, compiled, memory_format
 def inference_noise(seed, n_steps, size, device="cpu"):
     """Alg. 2's noise (K,3,S,S): one draw per time step from the seed, the same for every image on every device
     (a score does not depend on its batch; an exported program holds the noise)."""
-    return torch.randn((n_steps, 3, size, size), generator=torch.Generator().manual_seed(seed)).to(device)
+    return torch.randn((n_steps, 3, *data.hw(size)), generator=torch.Generator().manual_seed(seed)).to(device)
 
 
 def batched_maps(model, x0, ts, noise):
@@ -29,7 +31,7 @@ def run_inference(model, images, cfg, opts, device, keep_restorations=False, wha
     """Alg. 2 over images (N,3,H,W) in batches of opts.eval_batch (the last one padded: one shape). Returns maps
     (N,H,W), scores (N,), each restoration's squared error (N,K), and those at the first t (N,3,H,W) if asked."""
     ts, B, N = cfg.eval_t, opts.eval_batch, len(images)
-    eps = inference_noise(cfg.seed, len(ts), images.shape[-1], device)  # (K,3,H,W): the same for every image
+    eps = inference_noise(cfg.seed, len(ts), tuple(images.shape[-2:]), device)  # (K,3,H,W): the same for every image
     fmt = memory_format(opts, device, inference=True)
     model.eval().to(memory_format=fmt)
     maps_fn = compiled(model, batched_maps, opts, device)  # torch.compile with --compile

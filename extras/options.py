@@ -4,9 +4,11 @@ a value before any work."""
 import argparse
 import inspect
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
+import data
 from extras.anomalies import FILLS, FOREGROUNDS, SHAPES
+from extras.folders import image_shape
 
 
 def ints(value):
@@ -97,12 +99,28 @@ def flag(name):
     return "--" + name.replace("_", "-")
 
 
+def show(size):
+    """A size as its flag is written: 256, or 64,160."""
+    return ",".join(map(str, data.hw(size))) if not isinstance(size, int) else str(size)
+
+
 def parse_ints(text):
     """argparse's type of the comma-separated fields: a clear message for a bad value."""
     try:
         return ints(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {text!r}") from None
+
+
+def parse_size(text):
+    """--img-size: a side S (square images), or HEIGHT,WIDTH; S,S is S."""
+    try:
+        values = ints(text)
+    except ValueError:
+        values = ()
+    if len(values) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"must be a side S or HEIGHT,WIDTH, got {text!r}")
+    return values[0] if len(set(values)) == 1 else values
 
 
 def add_flags(parser, config_cls):
@@ -119,28 +137,37 @@ def add_flags(parser, config_cls):
         g = parser.add_argument_group(title)
         for f in group:
             default = ",".join(map(str, f.default)) if f.type is tuple else f.default
+            kind, metavar = ((parse_size, "S|H,W") if f.name == "img_size" else (parse_ints, "INTS") if f.type is tuple
+                             else (f.type, f.type.__name__.upper()))
             if f.type is bool:
                 g.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                help=helps[f.name])
             else:
-                g.add_argument(flag(f.name), type=parse_ints if f.type is tuple else f.type, default=argparse.SUPPRESS,
-                               metavar="INTS" if f.type is tuple else f.type.__name__.upper(),
+                g.add_argument(flag(f.name), type=kind, default=argparse.SUPPRESS, metavar=metavar,
                                help=f"{helps[f.name]} (default: {default!r})")
     parser.add_argument("--preset", choices=["paper", "cpu"], default="paper",
                         help="'cpu': a small model for 2 CPU cores (README quickstart); explicit flags still win")
 
 
 def from_flags(args, config_cls):
-    """Parsed flags -> (Config, RunOptions): the preset's values, then the flags given."""
+    """Parsed flags -> (Config, RunOptions): the preset's values, then the flags given; without --img-size, the
+    shape of the images where they share one that is not square (folders.image_shape)."""
     given = {k: v for k, v in vars(args).items() if k in {f.name for f in fields(config_cls) + fields(RunOptions)}}
     preset = dict(CPU_PRESET) if getattr(args, "preset", "paper") == "cpu" else {}
-    if preset and given.get("img_size", 64) != 64:  # the same 16-px bottom level at any size: attention stays cheap
-        preset["channel_mult"] = {128: (1, 2, 2, 4), 256: (1, 2, 2, 4, 4), 512: (1, 2, 2, 4, 4, 4)}.get(
-            given["img_size"], ())
+    side = min(data.hw(given.get("img_size", 64)))
+    if preset and side != 64:  # the same 16-px bottom level at any size: attention stays cheap
+        preset["channel_mult"] = {128: (1, 2, 2, 4), 256: (1, 2, 2, 4, 4), 512: (1, 2, 2, 4, 4, 4)}.get(side, ())
         preset["eval_batch"] = 4  # at 256 px a batch of 16 ran at half the speed of 4, with 1.6x the memory
     if given.get("variant") == "authors":
         preset.update(AUTHORS_PRESET)
-    return config_and_options({**preset, **given}, config_cls)
+    cfg, opts = config_and_options({**preset, **given}, config_cls)
+    if "img_size" not in given:  # a multiple of 32 (the seg net) and of the denoiser's 2^(levels - 1)
+        multiple = max(32, 2 ** (len(cfg.channel_mult) - 1))
+        try:
+            cfg = replace(cfg, img_size=image_shape(opts.data, cfg.img_size, multiple))
+        except ValueError as e:
+            raise SystemExit(str(e))
+    return cfg, opts
 
 
 def config_and_options(values, config_cls):
@@ -148,6 +175,8 @@ def config_and_options(values, config_cls):
     tuples."""
     values = {k: ints(v) if k in ("channel_mult", "attn_resolutions", "eval_t", "keep_ckpts") else v
               for k, v in values.items()}
+    if not isinstance(values.get("img_size", 0), int):  # (H, W) as a list in config.json
+        values["img_size"] = parse_size(",".join(map(str, values["img_size"])))
     names = {f.name for f in fields(config_cls)}
     return (config_cls(**{k: v for k, v in values.items() if k in names}),
             RunOptions(**{k: v for k, v in values.items() if k not in names}))
@@ -156,7 +185,7 @@ def config_and_options(values, config_cls):
 def value_problems(cfg, opts):
     """Each flag whose value is out of its range, one line each."""
     both = {**asdict(cfg), **asdict(opts)}
-    positive = ("img_size", "timesteps", "base_channels", "num_res_blocks", "num_heads", "seg_channels", "epochs",
+    positive = ("timesteps", "base_channels", "num_res_blocks", "num_heads", "seg_channels", "epochs",
                 "eval_batch", "top_k", "ckpt_every")
     problems = [f"{flag(n)} must be >= 1, got {both[n]}" for n in positive if both[n] < 1]
     problems += [f"{flag(n)} must be >= 0, got {both[n]}" for n in ("max_steps", "crop", "max_minutes", "dropout")
@@ -200,14 +229,19 @@ def combination_problems(cfg, opts, levels):
             problems.append("--variant authors draws its time steps by --guide-t: drop --train-t")
         if not (opts.seg_lr > 0 and opts.seg_lr_period >= 1):
             problems.append(f"need --seg-lr > 0 and --seg-lr-period >= 1, got {opts.seg_lr}, {opts.seg_lr_period}")
-    if cfg.img_size % 32 or cfg.img_size % 2 ** (levels - 1):
-        problems.append(f"--img-size {cfg.img_size} must be divisible by 32 and by 2^(levels-1) of --channel-mult")
+    multiple = max(32, 2 ** (levels - 1))  # the seg net pools 5 times, the denoiser levels - 1 times
+    bad = [s for s in data.hw(cfg.img_size) if s < 1 or s % multiple]
+    if bad:
+        near = "; ".join(f"{s} -> {max(s // multiple, 1) * multiple} or {(max(s // multiple, 0) + 1) * multiple}"
+                         for s in bad)
+        problems.append(f"--img-size {show(cfg.img_size)}: every side must be a multiple of {multiple} (32 for the seg "
+                        f"net, 2^(levels - 1) for --channel-mult's {levels} levels); the nearest that can: {near}")
     heads = ("--num-head-channels", cfg.num_head_channels) if cfg.num_head_channels > 0 else ("--num-heads",
                                                                                               cfg.num_heads)
     if cfg.base_channels % heads[1]:
         problems.append(f"--base-channels {cfg.base_channels} must be divisible by {heads[0]} {heads[1]}")
-    if opts.crop and (opts.crop > cfg.img_size or opts.crop % 2 ** (levels - 1) or opts.crop % 32):
-        problems.append(f"--crop {opts.crop} must be <= --img-size and divisible by 32 and by 2^(levels-1)")
+    if opts.crop and (opts.crop > min(data.hw(cfg.img_size)) or opts.crop % multiple):
+        problems.append(f"--crop {opts.crop} must be <= every side of --img-size and a multiple of {multiple}")
     return problems
 
 

@@ -213,8 +213,8 @@ def cpu_note(model, cfg, opts, device, steps, min_params=20e6):
     n_params = sum(p.numel() for p in model.parameters())
     if device.type != "cpu" or n_params < min_params:
         return None
-    side, g = opts.crop or cfg.img_size, torch.Generator().manual_seed(0)
-    x0, mask, probe = torch.rand(2, 3, side, side, generator=g), torch.zeros(2, 1, side, side), copy.deepcopy(model)
+    (H, W), g = data.hw(opts.crop or cfg.img_size), torch.Generator().manual_seed(0)
+    x0, mask, probe = torch.rand(2, 3, H, W, generator=g), torch.zeros(2, 1, H, W), copy.deepcopy(model)
     t0 = time.time()
     probe.train_loss(x0, mask, torch.tensor([0, 1]), torch.randn_like(x0))["total"].backward()
     passes = 2 if opts.variant == "authors" else 1  # the variant runs the denoiser twice per image

@@ -18,6 +18,8 @@ class SyntheticSet(Dataset):
     def __init__(self, split, img_size, variant="texture", n_train=200, n_test_good=30, n_test_bad=30):
         if variant not in ("texture", "object"):
             raise ValueError(f"unknown synthetic variant {variant!r}: use synthetic/texture or synthetic/object")
+        if not isinstance(img_size, int):
+            raise ValueError(f"the built-in set is square: pass one --img-size, not {img_size}")
         self.split, self.n, self.variant = split, int(img_size), variant
         self.name, self.category, self.layout, self.root = "synthetic", variant, "synthetic", Path("synthetic", variant)
         self.counts = (n_train, 0) if split == "train" else (n_test_good, n_test_bad)

@@ -24,7 +24,8 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 def make_ts(normal, foreground="auto", seed=0, texture_dir="", shape="perlin", fill="blend"):
     """A run's TrainSet (extras/anomalies.trainset) of these options; its .kind: the foreground it resolved."""
-    cfg = D.Config(img_size=normal[0]["image"].shape[-1], foreground=foreground, seed=seed, texture_dir=str(texture_dir))
+    H, W = normal[0]["image"].shape[-2:]
+    cfg = D.Config(img_size=H if H == W else (H, W), foreground=foreground, seed=seed, texture_dir=str(texture_dir))
     return anomalies.trainset(normal, cfg, RunOptions(anomaly_shape=shape, anomaly_fill=fill))
 
 
@@ -747,3 +748,24 @@ def test_small_marks_are_pcb_sized_soft_edged_and_invert_gives_the_other_materia
     ts = make_ts(folders.open_data("synthetic", "train", 32), shape="small", fill="invert")
     s = ts.sample(0)
     assert (np.abs(s["synthetic"] - s["image"])[s["mask"] > 0] >= 0.5 * np.abs(1 - 2 * s["image"])[s["mask"] > 0]).all()
+
+
+def test_images_that_are_not_square_are_read_and_synthesized_at_height_by_width(tmp_path):
+    root = make_mvtec(tmp_path / "mvtec" / "carpet")
+    for k in range(2):  # the authors' thresh/ parts, read at (32, 64) too
+        save(root / "thresh" / f"{k}.png", np.full((64, 64), 255, np.uint8))
+    train, test = data.open_dataset(root, "train", (32, 64)), data.open_dataset(root, "test", (32, 64))
+    it = test[[r[2] for r in test.records].index(1)]
+    assert train[0]["image"].shape == (3, 32, 64) and it["mask"].shape == (1, 32, 64)
+    m = np.zeros((32, 64), np.float32)
+    m[8:16, 8:40] = 1  # with_square's mask (rows 16:32, cols 8:40 of 64 x 64) at half the height
+    np.testing.assert_array_equal(it["mask"][0].numpy(), m)
+    small, kept = data.defect_mask(Image.fromarray(np.pad(np.full((1, 2), 255, np.uint8), ((300, 211), (100, 410)))), (32, 64))
+    assert kept == 1 and small.sum() == 1 and small[18, 12] == 1  # a 1 x 2 px defect keeps its pixel
+    for shape, fill in (("perlin", "blend"), ("mixed", "blend"), ("small", "invert")):
+        ts = make_ts(train, shape=shape, fill=fill)
+        s = ts.sample(1, 3)
+        assert ts.kind == "texture" and s["synthetic"].shape == (32, 64, 3) and s["mask"].shape == (32, 64)
+        assert s["mask"].any() and not (s["mask"].astype(bool) & ~s["foreground"]).any()
+    noise = __import__("extras.inference", fromlist=["x"]).inference_noise(0, 2, (32, 64))
+    assert noise.shape == (2, 3, 32, 64)

@@ -177,11 +177,11 @@ import numpy as np, torch
 from PIL import Image
 program = torch.export.load(sys.argv[1]).module()
 info = json.load(open(sys.argv[1][:-4] + ".json"))
-S = info["img_size"]
-x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB").resize((S, S), Image.BILINEAR),
+size = (info["width"], info["height"])
+x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB").resize(size, Image.BILINEAR),
                                              np.float32) / 255).permute(2, 0, 1) for p in sys.argv[2:]])
 maps, scores = program(x)
-ours = sorted(m for m in sys.modules if m in ("data", "diffusionad", "runs", "metrics"))
+ours = sorted(m for m in sys.modules if m in ("data", "diffusionad", "extras", "metrics"))
 print(json.dumps({"scores": scores.tolist(), "maps": list(maps.shape), "ours": ours, "threshold": info["threshold"]}))
 """
 
@@ -242,3 +242,65 @@ def test_a_cpu_user_of_a_large_model_is_told_before_the_first_step(tmp_path, cap
     assert "note:" not in capsys.readouterr().out
     a, b = (torch.load(tmp_path / r / "ckpt.pt", weights_only=True) for r in "ab")
     assert all(torch.equal(a[n][k], b[n][k]) for n in ("denoiser", "seg") for k in a[n])  # the timing changed nothing
+
+
+def elongated(root, n, shape=(40, 100), spot=False):
+    """n parts of height x width with a bright bar; spot=True: a dark square in each (a defect) and its mask."""
+    rng = np.random.default_rng(len(str(root)) + n)
+    for i in range(n):
+        img = (rng.random((*shape, 3)) * 40 + 90).astype(np.uint8)
+        img[:, shape[1] // 2: shape[1] // 2 + 4] = 200
+        mask = np.zeros(shape, np.uint8)
+        if spot:
+            img[5:12, 10 + 3 * i: 17 + 3 * i], mask[5:12, 10 + 3 * i: 17 + 3 * i] = 10, 255
+        root.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(root / f"e{i:02d}.png")
+        if spot:
+            (root.parent / "masks" / root.name).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(mask).save(root.parent / "masks" / root.name / f"e{i:02d}.png")
+    return root
+
+
+def test_a_folder_of_elongated_parts_keeps_their_shape_from_training_to_export(tmp_path, capsys):
+    """No --img-size: the short side at the preset's 64 px, the long one at the same aspect (40 x 100 -> 64 x 160);
+    train, eval, predict and export all take that shape, and export's scores equal predict's."""
+    folder, test = elongated(tmp_path / "parts", 20), tmp_path / "test"
+    elongated(test / "good", 3), elongated(test / "spot", 3, spot=True)
+    run, small = tmp_path / "run", [f for f in FLAGS[2:] if f not in ("--preset",)]
+    D.main(["train", "--preset", "cpu", "--data", str(folder), "--test", str(test), "--out", str(run),
+            "--holdout", "0.25", "--base-channels", "8", "--channel-mult", "1,2"] + small[2:])
+    ck = torch.load(run / "ckpt.pt", weights_only=True)
+    assert ck["config"]["img_size"] == (64, 160) and json.loads((run / "config.json").read_text())["img_size"] == [64, 160]
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["n_test_good"] == 3 and m["n_test_anomalous"] == 3 and 0 <= m["pixel_pro"] <= 1
+    D.main(["eval", "--run", str(run), "--save-maps"])
+    panel = Image.open(sorted((run / "eval_ckpt_test_t100+200").glob("spot_*.png"))[0])
+    assert panel.size == (4 * 160, 64)  # input | restoration | map | truth, each 64 x 160
+    files = sorted(str(p) for p in (test / "spot").iterdir())
+    D.main(["predict", "--run", str(run), *files, "--csv", str(tmp_path / "p.csv")])
+    rows = [r.split(",") for r in (tmp_path / "p.csv").read_text().splitlines()[1:]]
+    assert Image.open(rows[0][3]).size == (2 * 160, 64)  # input | heatmap
+    D.main(["export", "--run", str(run), "--out", str(tmp_path / "model.pt2")])
+    info = json.loads((tmp_path / "model.json").read_text())
+    assert (info["height"], info["width"]) == (64, 160)
+    images = torch.stack([folders.load_image(f, (64, 160)) for f in files])
+    with torch.no_grad():
+        maps, scores = torch.export.load(str(tmp_path / "model.pt2")).module()(images)
+    assert maps.shape == (3, 64, 160) and np.allclose(scores.numpy(), [float(r[1]) for r in rows], atol=1e-4)
+    D.main(["train", "--data", str(folder), "--out", str(tmp_path / "hw"), "--holdout", "0"] + FLAGS[2:]
+           + ["--img-size", "32,64", "--max-steps", "1"])  # explicit HEIGHT,WIDTH
+    assert torch.load(tmp_path / "hw" / "ckpt.pt", weights_only=True)["config"]["img_size"] == (32, 64)
+
+
+def test_images_of_several_shapes_and_sizes_the_unet_cannot_take_are_one_line(tmp_path):
+    folder = elongated(tmp_path / "mixed", 6)
+    Image.fromarray(np.full((80, 80, 3), 120, np.uint8)).save(folder / "square.png")
+    with pytest.raises(SystemExit, match=r"mixed: its images have 2 different shapes at --img-size 64: 6 at 64x160 "
+                                         r"\(e.g. e00.png\), 1 at 64x64 \(e.g. square.png\); pass --img-size HEIGHT,WIDTH"):
+        D.main(["train", "--preset", "cpu", "--data", str(folder)])
+    with pytest.raises(SystemExit, match=r"--img-size 100,250: every side must be a multiple of 32 .*the nearest that "
+                                         r"can: 100 -> 96 or 128; 250 -> 224 or 256"):
+        D.main(["train", "--data", str(folder), "--img-size", "100,250", "--channel-mult", "1,2"])
+    D.main(["train", "--data", str(folder), "--img-size", "32", "--max-steps", "1", "--holdout", "0", "--out",
+            str(tmp_path / "sq")] + FLAGS[2:])  # one side given: squares, as ever
+    assert torch.load(tmp_path / "sq" / "ckpt.pt", weights_only=True)["config"]["img_size"] == 32

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import data
 import metrics
-from extras import checks, cli, options, reports
+from extras import checks, cli, options, reports, thresholds
 from extras.checkpoints import load_checkpoint, open_run
 from extras.distributed import torchrun_env
 from extras.run import Run, launch
@@ -424,8 +424,8 @@ def train(cfg, opts, resume=False, cls=DiffusionAD):
 def final_evaluation(run, model, cfg, opts):
     """After training, on rank 0: the stored threshold (held-out images), model.anomaly_maps on the test split."""
     if run.rank == 0:
-        threshold = reports.held_out_threshold(
-            run.held_out, lambda images: run_inference(model, images, cfg, opts, run.device)[1], cfg, opts)
+        threshold = thresholds.decide(run, lambda images: run_inference(model, images, cfg, opts, run.device)[1],
+                                      cfg, opts)
         if threshold is not None:
             run.checkpoint(run.ckpt_path, threshold)
         run.write_metrics({} if run.test is None else evaluate(model, cfg, opts, run.test, run.device,
@@ -473,7 +473,7 @@ def eval_cmd(args):
     test = checks.open_test(args, opts, cfg.img_size)
     device = pick_device(opts)
     model = checks.or_exit(build_model, cfg, state, device, model_class(opts), opts).eval()
-    threshold, source = reports.stored_threshold(state, cfg, opts, path)
+    threshold, source = thresholds.stored(state, cfg, opts, path)
     print(f"evaluating {path} (step {state['step']})" + ("" if threshold else f"; no verdicts: {source}"))
     res = evaluate(model, cfg, opts, test, device, args.test or args.data or opts.test or opts.data, threshold,
                    maps_dir if args.save_maps else None)

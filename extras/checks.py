@@ -71,9 +71,26 @@ def check_dataset(path, img_size, test=None, test_masks=None):
     return splits, list(dict.fromkeys(problems))  # a missing folder fails both splits alike
 
 
+def calibration_problems(opts, img_size, test):
+    """What is wrong with --calibrate's folder: not a labelled folder with good and defective images, unreadable
+    files, or the test split itself (a threshold is never set on it)."""
+    folder, test_root = Path(opts.calibrate).resolve(), opts.test or getattr(test, "root", None)
+    inside = test_root is not None and (folder.is_relative_to(Path(test_root).resolve())
+                                        or Path(test_root).resolve().is_relative_to(folder))
+    if inside:
+        return [f"--calibrate {opts.calibrate}: it holds or is part of the test split ({test_root}); a threshold is "
+                "never set on test images: pass a labelled folder of other images"]
+    try:
+        return check_split(labelled_folder(opts.calibrate, img_size))
+    except (FileNotFoundError, ValueError) as e:
+        return [f"--calibrate: {e}"]
+
+
 def preflight(cfg, opts):
     """Both splits of a training run, every file checked before the first step: one SystemExit with every problem."""
     splits, problems = check_dataset(opts.data, cfg.img_size, opts.test or None, opts.test_masks or None)
+    if opts.calibrate:
+        problems += calibration_problems(opts, cfg.img_size, splits.get("test"))
     if len(problems) == 1 and not splits:
         raise SystemExit(problems[0])
     if problems:

@@ -12,7 +12,7 @@ import data
 from extras.checkpoints import atomic_write
 from extras.inference import batched_maps, inference_noise
 from extras.predict import open_model
-from extras.reports import stored_threshold
+from extras.thresholds import stored
 
 
 class Alg2Program(nn.Module):
@@ -37,7 +37,7 @@ def main(args):
     H, W = data.hw(cfg.img_size)
     example = torch.rand(2, 3, H, W)
     exported = torch.export.export(program, (example,), dynamic_shapes=({0: torch.export.Dim("batch", max=4096)},))
-    threshold, source = stored_threshold(state, cfg, opts, path)
+    threshold, source = stored(state, cfg, opts, path)
     export_files(args.out, exported, {
         "checkpoint": str(path), "threshold": None if threshold is None else threshold["value"],
         "threshold_rule": threshold or source, "img_size": cfg.img_size, "height": H, "width": W,

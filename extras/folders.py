@@ -47,12 +47,12 @@ def labelled_folder(path, img_size, masks=None):
     then not a defect type). An anomalous image without a mask keeps label 1 and has_mask False."""
     root = Path(path).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"test folder {root} does not exist")
+        raise FileNotFoundError(f"labelled folder {root} does not exist")
     mask_root = Path(masks).expanduser() if masks else root / "masks"
     if masks and not mask_root.is_dir():
         raise FileNotFoundError(f"mask folder {mask_root} does not exist")
     if not (root / "good").is_dir():
-        raise ValueError(f"test folder {root} has no good/ folder: put the normal test images in {root / 'good'} "
+        raise ValueError(f"labelled folder {root} has no good/ folder: put the normal images in {root / 'good'} "
                          "and each defect type in a folder of its own")
     records = []
     for d in sorted(p for p in root.iterdir() if p.is_dir() and p != mask_root and not p.name.startswith(".")):
@@ -61,7 +61,7 @@ def labelled_folder(path, img_size, masks=None):
         for p in sorted(f for f in d.rglob("*") if f.suffix.lower() in data.IMG_EXTS and f.is_file()):
             records.append((p, None, 0, "good") if d.name == "good" else (p, found.get(p.stem), 1, d.name))
     if not any(r[2] == 0 for r in records) or not any(r[2] == 1 for r in records):
-        raise ValueError(f"test folder {root} needs images in good/ and in at least one defect folder")
+        raise ValueError(f"labelled folder {root} needs images in good/ and in at least one defect folder")
     return data.ImageDataset(records, img_size, root, "labelled")
 
 

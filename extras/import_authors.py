@@ -17,6 +17,7 @@ from extras.authors import NormGuided
 from extras.inference import run_inference
 from extras.options import RunOptions, check_flags, ints
 from extras.speed import pick_device
+from extras.thresholds import from_normals
 
 
 def authors_config(args, seg=None):
@@ -126,8 +127,8 @@ def main(args):
         raise SystemExit(f"{folder / 'ckpt.pt'} exists: pass a new --out")
     test = checks.open_test(None, opts, cfg.img_size) if args.data else None
     try:
-        normal = [{"image": load_image(f, cfg.img_size)} for f in list_images([args.threshold_from])] \
-            if args.threshold_from else []
+        normal = torch.stack([load_image(f, cfg.img_size) for f in list_images([args.threshold_from])]) \
+            if args.threshold_from else None
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"--threshold-from: {e}")
     t_normal, t_noisier = cfg.eval_t
@@ -139,8 +140,7 @@ def main(args):
               "pixel AUROC, every 50 epochs): its test numbers are optimistic; params-last.pt is not chosen")
     device = pick_device(opts)
     model = model.to(device).eval()
-    threshold = reports.held_out_threshold(normal or None, lambda x: run_inference(model, x, cfg, opts, device)[1], cfg,
-                                           opts)
+    threshold = None if normal is None else from_normals(run_inference(model, normal, cfg, opts, device)[1], cfg, opts)
     write_config(folder, cfg, opts)
     save_checkpoint(folder / "ckpt.pt", model, None, 0, cfg, opts, threshold=threshold,
                     imported={"from": str(args.params), "n_epoch": ckpt.get("n_epoch")})

@@ -64,7 +64,11 @@ class RunOptions:
     classes: str = ""  # with a benchmark ROOT: only these classes, e.g. candle,pcb1 (default: all)
     holdout: float = 0.1  # fraction of the normal training images (at least 5) kept out of training to set the
     # decision threshold; 0 = train on all of them (paper), no threshold
-    threshold_quantile: float = 0.99  # the threshold is this quantile of the held-out normal images' scores
+    threshold_rule: str = "synthetic"  # how the held-out images set the threshold: synthetic (the F1 optimum between
+    # them and synthetic anomalies made from them, floored) | quantile (--threshold-quantile) (extras/thresholds.py)
+    threshold_quantile: float = 0.99  # the quantile rule's quantile of the held-out normal images' scores
+    calibrate: str = ""  # a labelled folder (good/ and defect folders, never the test split): the threshold at the
+    # F1 optimum of its images' scores, instead of the held-out images' rule
     device: str = "auto"  # auto (CUDA when present; cuda:LOCAL_RANK under torchrun) | cpu | cuda | cuda:N
     amp: bool = False  # bf16 autocast (GPUs; CPUs only with native bf16: AMX or AVX512-BF16)
     compile: bool = False  # torch.compile both networks (training) and Alg. 2 (inference; CUDA graphs on a GPU)
@@ -92,7 +96,8 @@ CPU_PRESET = dict(img_size=64, base_channels=16, num_res_blocks=1, channel_mult=
 # The authors' released variant: their args1.json where it differs from the paper's defaults (flags given win).
 AUTHORS_PRESET = dict(batch_size=16, epochs=3000, eval_t=(200, 400), train_t=0)  # t: by --guide-t
 CHOICES = {"ablation": ("none", "seg-only", "ae", "denoise-only"), "lr_schedule": ("constant", "cosine"),
-           "variant": ("paper", "authors"), "anomaly_shape": SHAPES, "anomaly_fill": FILLS, "foreground": FOREGROUNDS}
+           "variant": ("paper", "authors"), "anomaly_shape": SHAPES, "anomaly_fill": FILLS, "foreground": FOREGROUNDS,
+           "threshold_rule": ("synthetic", "quantile")}
 
 
 def flag(name):

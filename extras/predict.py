@@ -13,7 +13,8 @@ from extras.checkpoints import open_run
 from extras.checks import or_exit
 from extras.folders import list_images, load_image
 from extras.inference import run_inference
-from extras.reports import Progress, heatmap, save_png, stored_threshold, to_uint8
+from extras.reports import Progress, heatmap, save_png, to_uint8
+from extras.thresholds import stored
 from extras.speed import pick_device
 
 
@@ -30,7 +31,7 @@ def main(args):
     path, state, cfg, opts, model = open_model(args)
     device = pick_device(opts)
     model.to(device)
-    threshold, source = stored_threshold(state, cfg, opts, path, args.threshold)
+    threshold, source = stored(state, cfg, opts, path, args.threshold)
     threshold = threshold["value"] if isinstance(threshold, dict) else threshold
     predict(args, path, files, lambda x: run_inference(model, x, cfg, opts, device)[:2], cfg.img_size, threshold,
             source)

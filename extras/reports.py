@@ -15,8 +15,8 @@ from PIL import Image
 import data
 import metrics
 from extras.checkpoints import atomic_write, settings
-from extras.options import ints
 from extras.speed import autocast, memory_format
+from extras.thresholds import verdicts
 
 COLUMNS = (("Image AUROC", "image_auroc"), ("Pixel AUROC", "pixel_auroc"), ("PRO", "pixel_pro"),
            ("Image AP", "image_ap"), ("Pixel AP", "pixel_ap"), ("Image F1-max", "image_f1_max"),
@@ -58,43 +58,6 @@ def read_split(test):
             np.array([it["label"] for it in items]), np.array([it.get("has_mask", True) for it in items]))
 
 
-def threshold_summary(scores, quantile, cfg, opts):
-    """The decision threshold (the quantile of held-out normal images' scores, at cfg's inference settings and
-    opts.variant's algorithm) and those scores' summary."""
-    s = np.asarray(scores, np.float64)
-    t = {"value": float(np.quantile(s, quantile)), "quantile": quantile, "n_held_out": int(len(s)),
-         "eval_t": ",".join(map(str, cfg.eval_t)), "top_k": cfg.top_k, "variant": opts.variant,
-         "held_out_scores": {k: round(float(f(s)), 6) for k, f in
-                             (("min", np.min), ("median", np.median), ("mean", np.mean), ("max", np.max))}}
-    print(f"threshold {t['value']:.6f}: the {quantile} quantile of the scores of {len(s)} held-out normal images "
-          f"(median {t['held_out_scores']['median']:.6f})")
-    return t
-
-
-def held_out_threshold(held_out, scores_of, cfg, opts):
-    """threshold_summary of the held-out slice's scores (scores_of: images (N,3,H,W) -> scores), or None without one."""
-    if held_out is None:
-        return None
-    images = torch.stack([held_out[i]["image"] for i in range(len(held_out))])
-    return threshold_summary(scores_of(images), opts.threshold_quantile, cfg, opts)
-
-
-def stored_threshold(state, cfg, opts, path, override=None):
-    """(threshold or None, where it comes from): --threshold, else the checkpoint's when it was set with the
-    same inference (algorithm, time steps, top-K) as this command's."""
-    t = state.get("threshold")
-    if override is not None:
-        return override, "--threshold"
-    if t is None:
-        return None, f"{path} stores none (trained with --holdout 0 or by an earlier version); pass --threshold X"
-    theirs = (t.get("variant", "paper"), ",".join(map(str, ints(t["eval_t"]))), t["top_k"])
-    ours = (opts.variant, ",".join(map(str, cfg.eval_t)), cfg.top_k)
-    if theirs != ours:
-        return None, (f"{path}'s threshold was set with the {theirs[0]} inference at t = {theirs[1]}, top-{theirs[2]}, "
-                      f"not this command's {ours[0]} inference at t = {ours[1]}, top-{ours[2]}; pass --threshold X")
-    return t, f"the {t['quantile']} quantile of {t['n_held_out']} held-out normal images' scores"
-
-
 def maps_without_restoration(model, images, opts, device):
     """The segmentation net's maps (N,H,W) and scores (N,) with x0_hat := x0: what it finds in x0 alone. One
     segmentation pass per batch."""
@@ -129,8 +92,7 @@ def report(res, items, scores, threshold, cfg, opts, device):
     res.update(n_test_good=int((labels == 0).sum()), n_test_anomalous=int((labels == 1).sum()),
                n_test_without_mask=int((~has_mask).sum()), regions_kept=sum(it.get("regions_kept", 0) for it in items))
     if threshold is not None:
-        flag = lambda sel: float((scores[sel] >= threshold["value"]).mean()) if sel.any() else None
-        res["flagged"] = {"threshold": threshold["value"], "good": flag(labels == 0), "anomalous": flag(labels == 1)}
+        res["flagged"] = verdicts(threshold, np.asarray(scores), labels, res.get("image_f1_max"))
     if res.get("restoration_psnr_good", 0) is None:
         del res["restoration_psnr_good"]
     print_metrics(res, cfg, opts, device)
@@ -159,8 +121,18 @@ def print_metrics(res, cfg, opts, device):
         print("  restoration PSNR of the good test images (dB): "
               + ", ".join(f"{'t=' * t.isdigit()}{t} {p:.1f}" for t, p in res["restoration_psnr_good"].items()))
     if "flagged" in res:
-        print(f"  threshold {res['flagged']['threshold']:.4f} flags {100 * res['flagged']['good']:.1f} % of the good "
-              f"and {100 * res['flagged']['anomalous']:.1f} % of the anomalous test images")
+        f, f1 = res["flagged"], lambda v: "-" if v is None else f"{100 * v:.1f}"
+        print(f"  the stored threshold {f['threshold']:.4f} ({f['rule']} rule) flags {percent(f['good'])} of the good and "
+              f"{percent(f['anomalous'])} of the anomalous test images: image F1 {f1(f['f1'])} (F1-max "
+              f"{f1(f['image_f1_max'])})")
+        for rule, v in f["by_rule"].items():
+            if rule != f["rule"]:
+                print(f"  the {rule} rule's threshold {v['threshold']:.4f} would flag {percent(v['good'])} and "
+                      f"{percent(v['anomalous'])}: image F1 {f1(v['f1'])}")
+
+
+def percent(v):
+    return "-" if v is None else f"{100 * v:.1f} %"
 
 
 def write_metrics(path, res, cfg, opts):

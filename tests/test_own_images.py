@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import diffusionad as D
-from extras import folders, reports
+from extras import folders, reports, thresholds
 from extras.export import Alg2Program
 from extras.options import RunOptions
 
@@ -65,8 +65,10 @@ def test_a_nested_plain_folder_trains_and_stores_a_threshold(tmp_path, capsys):
     assert "no test split (a plain folder without --test): the threshold only" in out
     ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
     t = ckpt["threshold"]
-    assert t["n_held_out"] == 6 and t["quantile"] == 0.99 and t["eval_t"] == "100,200"
-    assert t["held_out_scores"]["min"] - 1e-6 <= t["value"] <= t["held_out_scores"]["max"] + 1e-6  # summary: 6 decimals
+    assert t["n_held_out"] == 6 and t["quantile"] == 0.99 and t["eval_t"] == "100,200" and t["rule"] == "synthetic"
+    assert t["n_synthetic"] == 24 and t["value"] == t["by_rule"]["synthetic"] >= t["floor"] - 1e-6  # 4 per image
+    q = t["by_rule"]["quantile"]
+    assert t["held_out_scores"]["min"] - 1e-6 <= q <= t["held_out_scores"]["max"] + 1e-6  # summary: 6 decimals
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["threshold"]["value"] == t["value"] and "image_auroc" not in m
     with pytest.raises(SystemExit, match="plain folder of normal images: it has no test split; pass --test"):
@@ -103,7 +105,11 @@ def test_a_labelled_test_folder_with_and_without_masks(tmp_path, capsys, masks):
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["n_test_good"] == 3 and m["n_test_anomalous"] == 6 and 0 <= m["image_auroc"] <= 1
     assert set(m["image_auroc_per_defect"]) == {"dent", "spot"}
-    assert m["flagged"]["threshold"] == m["threshold"]["value"] and 0 <= m["flagged"]["anomalous"] <= 1
+    f = m["flagged"]
+    assert f["threshold"] == m["threshold"]["value"] and 0 <= f["anomalous"] <= 1 and f["rule"] == "synthetic"
+    assert f["image_f1_max"] == m["image_f1_max"] and 0 <= f["f1"] <= f["image_f1_max"] + 1e-12
+    assert set(f["by_rule"]) == {"synthetic", "quantile"} and f["by_rule"]["synthetic"]["f1"] == f["f1"]
+    assert "the stored threshold" in out and "(synthetic rule) flags" in out and "the quantile rule's threshold" in out
     if masks:  # pixel metrics over the good images and the three masked spots
         assert m["n_test_without_mask"] == 3 and 0 <= m["pixel_pro"] <= 1
         assert "pixel metrics and PRO over the 3 anomalous images with a mask (and the good ones); 3 have none" in out
@@ -118,20 +124,30 @@ def test_a_labelled_test_folder_with_and_without_masks(tmp_path, capsys, masks):
         D.main(["train", "--data", str(tmp_path), "--test", str(test), "--out", str(tmp_path / "r2")] + FLAGS)
 
 
-def test_the_threshold_rule_on_a_toy_case():
-    cfg, opts = D.Config(eval_t=(100, 200), top_k=50), RunOptions()
-    t = reports.threshold_summary(np.arange(1, 11) / 10, 0.9, cfg, opts)  # 0.1 ... 1.0
-    assert t["value"] == pytest.approx(0.91) and t["n_held_out"] == 10  # numpy's linear interpolation
+def test_the_threshold_rules_on_toy_cases():
+    cfg, opts = D.Config(eval_t=(100, 200), top_k=50), RunOptions(threshold_quantile=0.9)
+    t = thresholds.from_normals(np.arange(1, 11) / 10, cfg, opts)  # 0.1 ... 1.0
+    assert t["value"] == pytest.approx(0.91) and t["n_held_out"] == 10 and t["rule"] == "quantile"  # numpy's linear
     assert t["held_out_scores"] == {"min": 0.1, "median": 0.55, "mean": 0.55, "max": 1.0}
     state = {"threshold": t}
-    assert reports.stored_threshold(state, cfg, opts, "ck")[0] is t
-    assert reports.stored_threshold({"threshold": {**t, "eval_t": "100,200"}}, cfg, opts, "ck")[0]["value"] == t["value"]
-    assert reports.stored_threshold(state, cfg, opts, "ck", 0.3) == (0.3, "--threshold")
-    value, why = reports.stored_threshold(state, D.Config(eval_t=(200, 400)), opts, "ck")
+    assert thresholds.stored(state, cfg, opts, "ck")[0] is t
+    assert thresholds.stored(state, cfg, opts, "ck", 0.3) == (0.3, "--threshold")
+    value, why = thresholds.stored(state, D.Config(eval_t=(200, 400)), opts, "ck")
     assert value is None and "paper inference at t = 100,200" in why  # a threshold belongs to its inference
-    value, why = reports.stored_threshold(state, cfg, RunOptions(variant="authors"), "ck")
+    value, why = thresholds.stored(state, cfg, RunOptions(variant="authors"), "ck")
     assert value is None and "not this command's authors inference" in why
-    assert reports.stored_threshold({}, cfg, opts, "ck")[0] is None
+    assert thresholds.stored({}, cfg, opts, "ck")[0] is None
+    # the F1 rule: separated classes are split in the middle of their gap, whatever their sizes
+    assert thresholds.f1_midpoint([0.1, 0.2, 0.3], [0.7, 0.8]) == (pytest.approx(0.5), 1.0)
+    value, f1 = thresholds.f1_midpoint([0.1, 0.2, 0.3, 0.6], [0.5, 0.7, 0.8, 0.9])  # overlap: one normal above one
+    assert f1 == pytest.approx(8 / 9) and value == pytest.approx(0.4)  # flags the 4 anomalies and the 0.6
+    weighted = thresholds.f1_midpoint([0.1, 0.2, 0.3, 0.6], [0.5, 0.7, 0.8, 0.9], normal_weight=4)
+    assert weighted[0] == pytest.approx(0.65)  # a normal counted 4 times: the cut moves above it
+    assert thresholds.f1_midpoint([0.2, 0.2], [0.2, 0.9])[0] == pytest.approx(0.55)  # a tie: the interval's middle
+    labels, scores = np.array([0, 0, 1, 1]), np.array([0.1, 0.6, 0.5, 0.9])
+    v = thresholds.verdicts({"value": 0.55, "rule": "synthetic", "by_rule": {"quantile": 0.95}}, scores, labels, 0.8)
+    assert (v["good"], v["anomalous"], v["f1"], v["image_f1_max"]) == (0.5, 0.5, 0.5, 0.8)
+    assert v["by_rule"]["quantile"] == {"threshold": 0.95, "good": 0.0, "anomalous": 0.0, "f1": 0.0}
 
 
 def trained_folder_run(tmp_path, holdout="0.25"):
@@ -156,8 +172,8 @@ def test_predict_decides_by_the_checkpoints_threshold(folder_run, tmp_path, caps
     assert rows[0] == ["path", "score", "anomalous", "heatmap"] and len(rows) == 7
     assert all(r[2] == str(int(float(r[1]) >= threshold)) for r in rows[1:])
     flagged = sum(r[2] == "1" for r in rows[1:])
-    assert f"{flagged} of 6 images flagged as anomalous (score >= threshold {threshold:.6f}, the 0.99 quantile" \
-        in capsys.readouterr().out
+    assert f"{flagged} of 6 images flagged as anomalous (score >= threshold {threshold:.6f}, the F1 optimum between " \
+        "6 held-out normal images and 24 synthetic anomalies made from them" in capsys.readouterr().out
     for value, expected in ((0.0, "1"), (2.0, "0")):  # --threshold overrides
         csv_path = tmp_path / f"t{value}.csv"
         D.main(["predict", "--run", str(run), str(inputs / "good"), "--csv", str(csv_path), "--threshold", str(value)])
@@ -304,3 +320,23 @@ def test_images_of_several_shapes_and_sizes_the_unet_cannot_take_are_one_line(tm
     D.main(["train", "--data", str(folder), "--img-size", "32", "--max-steps", "1", "--holdout", "0", "--out",
             str(tmp_path / "sq")] + FLAGS[2:])  # one side given: squares, as ever
     assert torch.load(tmp_path / "sq" / "ckpt.pt", weights_only=True)["config"]["img_size"] == 32
+
+
+def test_a_labelled_calibration_folder_sets_the_threshold_and_never_the_test_split(tmp_path, capsys):
+    folder, test, calib = plain_folder(tmp_path / "parts"), labelled(tmp_path / "test"), labelled(tmp_path / "calib")
+    run = tmp_path / "run"
+    D.main(["train", "--data", str(folder), "--test", str(test), "--calibrate", str(calib), "--out", str(run)] + FLAGS)
+    t = torch.load(run / "ckpt.pt", weights_only=True)["threshold"]
+    assert t["rule"] == "calibrate" and t["value"] == t["by_rule"]["calibrate"]
+    assert t["calibration"] == {"folder": str(calib), "n_good": 3, "n_anomalous": 6, "f1": t["calibration"]["f1"]}
+    assert {"synthetic", "quantile"} <= set(t["by_rule"])  # the held-out rules beside it, for the comparison
+    assert f"the F1 optimum of 3 good and 6 anomalous images of {calib}" in capsys.readouterr().out
+    assert json.loads((run / "metrics.json").read_text())["flagged"]["rule"] == "calibrate"
+    (tmp_path / "nogood").mkdir()
+    (tmp_path / "nogood" / "spot").symlink_to(calib / "spot")
+    for bad, message in ((test, "it holds or is part of the test split"), (tmp_path / "nogood", "has no good/ folder"),
+                         (tmp_path / "nowhere", "labelled folder .*nowhere does not exist")):
+        with pytest.raises(SystemExit, match=f"--calibrate.*{message}"):
+            D.main(["train", "--data", str(folder), "--test", str(test), "--calibrate", str(bad), "--out",
+                    str(tmp_path / "bad")] + FLAGS)
+        assert not (tmp_path / "bad").exists()  # before any work

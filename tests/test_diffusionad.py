@@ -85,17 +85,28 @@ def test_network_output_shapes(size, mult):
     assert model.seg(torch.cat([x, x], 1)).shape == (2, 1, size, size)
 
 
-def test_cpu_preset_keeps_a_16_px_bottom_level_at_any_size():
+def test_the_cpu_preset_takes_its_size_and_anomalies_from_the_images(tmp_path, capsys):
     both = lambda *flags: options.from_flags(argparse_train(list(flags)), D.Config)
-    parse = lambda *flags: both(*flags)[0]
-    assert parse("--preset", "cpu").channel_mult == (1, 2, 4)
-    assert parse("--preset", "cpu", "--img-size", "256").channel_mult == (1, 2, 2, 4, 4)
-    assert both("--preset", "cpu")[1].eval_batch == 16 and both("--preset", "cpu", "--img-size", "256")[1].eval_batch == 4
-    assert parse("--preset", "cpu", "--img-size", "256", "--channel-mult", "1,2,4").channel_mult == (1, 2, 4)
-    assert parse("--img-size", "256").channel_mult == ()  # the paper's: by size, in channel_mult()
-    recipe = lambda *flags: both(*flags)[1]
-    assert recipe("--preset", "cpu").lr_schedule == "cosine" and recipe().lr_schedule == "constant"  # paper: constant
-    assert recipe("--preset", "cpu", "--lr-schedule", "constant").lr_schedule == "constant"
+    cfg, opts = both("--preset", "cpu")  # the built-in set: 64 px
+    assert (cfg.img_size, opts.crop, cfg.channel_mult, cfg.attn_resolutions) == (64, 64, (1, 2, 4), ())
+    assert (opts.lr_schedule, opts.train_t, opts.max_steps, opts.anomaly_shape) == ("cosine", 300, 3000, "mixed")
+    assert both()[1].lr_schedule == "constant" and both()[0].img_size == 256  # the paper's
+    rng = np.random.default_rng(0)
+    for name, size, binary in (("grey", 600, False), ("board", 400, True), ("small", 100, False)):
+        for i in range(5):
+            a = rng.random((size, size)) * 0.6 + 0.2
+            a = (a > 0.5) if binary else a
+            Image.fromarray((a * 255).astype(np.uint8)).save((tmp_path / name).mkdir(exist_ok=True) or
+                                                            tmp_path / name / f"{i}.png")
+    grey, board = both("--preset", "cpu", "--data", str(tmp_path / "grey")), both("--preset", "cpu", "--data",
+                                                                                  str(tmp_path / "board"))
+    assert grey[0].img_size == 256 and (grey[1].anomaly_shape, grey[1].anomaly_fill) == ("mixed", "blend")
+    assert board[0].img_size == 256 and board[0].eval_t == (200, 400) and board[1].train_t == 600  # binarised
+    assert (board[1].anomaly_shape, board[1].anomaly_fill, board[0].foreground) == ("small", "invert", "none")
+    assert both("--preset", "cpu", "--data", str(tmp_path / "small"))[0].img_size == 96  # 100 -> a multiple of 32
+    assert both("--preset", "cpu", "--data", str(tmp_path / "grey"), "--crop", "32", "--lr-schedule", "constant")[1] \
+        .crop == 32  # your flags win
+    assert "binarised images: small defects of the other material" in capsys.readouterr().out
 
 
 def argparse_train(flags):

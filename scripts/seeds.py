@@ -5,6 +5,8 @@ Reads FILE (default metrics.json; e.g. eval_ckpt_pcb_t100+200.json for another e
 folder and prints, per group: seeds, image AUROC, pixel AUROC, PRO, image F1-max, the reliance on the
 restoration (image AUROC / pixel AUROC / PRO drop with x0_hat := x0), restoration PSNR at each time step
 (DRAEM+: of its reconstruction), training minutes and test images/s. Sample standard deviation (n - 1).
+Then, where the runs store a threshold, its verdicts on the test split for every rule (extras/thresholds.py): the
+good and the anomalous images flagged, the image F1 at the threshold, and the split's image F1-max.
 """
 import argparse
 import json
@@ -41,6 +43,27 @@ def main():
               ("image_auroc", "pixel_auroc", "pixel_pro", "image_f1_max"))
               + f" | {rel('image_auroc')} | {rel('pixel_auroc')} | {rel('pixel_pro')} | {psnr} | {train} | "
               f"{fmt([m.get('fps') for m in ms], 1.0)} |")
+    verdicts(args)
+
+
+def verdicts(args):
+    """The second table: each group's verdicts of each threshold rule, stored first."""
+    rows = []
+    for group in args.groups:
+        name, runs = group.split("=", 1)
+        flagged = [json.loads((Path(r) / args.file).read_text()).get("flagged") for r in runs.split(",")]
+        if not all(flagged):
+            continue
+        stored = flagged[0].get("rule", "quantile")
+        for rule in [stored] + [r for r in flagged[0].get("by_rule", {}) if r != stored]:
+            v = [f if rule == stored and "by_rule" not in f else f["by_rule"].get(rule, f) for f in flagged]
+            rows.append(f"| {name} | {rule}{' (stored)' * (rule == stored)} | " + " | ".join(
+                fmt([x.get(k) for x in v]) for k in ("good", "anomalous", "f1"))
+                + f" | {fmt([f.get('image_f1_max') for f in flagged])} |")
+    if rows:
+        print("\n| method | threshold rule | good flagged | anomalous flagged | image F1 at it | image F1-max |")
+        print("|---" * 6 + "|")
+        print("\n".join(rows))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ Config and RunOptions (extras/options.py); eval, predict and export load a train
 import argparse
 
 from extras.anomalies import FILLS, FOREGROUNDS, SHAPES
-from extras.options import add_flags, parse_ints
+from extras.options import add_flags, parse_ints, parse_size
 
 
 def parser(config_cls, doc):
@@ -62,7 +62,7 @@ def data_verbs(sub):
     v.add_argument("--data", required=True, help="ROOT/CLASS, a plain folder or 'synthetic'")
     v.add_argument("--out", required=True, help="output PNG")
     v.add_argument("--n", type=int, default=8, help="rows")
-    v.add_argument("--img-size", type=int, default=256)
+    v.add_argument("--img-size", type=parse_size, default=256, metavar="S|H,W")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--texture-dir", default="", help="anomaly source textures (e.g. DTD)")
     v.add_argument("--foreground", default="auto", choices=FOREGROUNDS)
@@ -73,7 +73,7 @@ def data_verbs(sub):
                        allow_abbrev=False)
     r.add_argument("--data", required=True, help="ROOT/CLASS")
     r.add_argument("--out", required=True, help="new folder for the copy")
-    r.add_argument("--img-size", type=int, default=256)
+    r.add_argument("--img-size", type=parse_size, default=256, metavar="S|H,W")
 
 
 def run_flags(p, default):

@@ -10,6 +10,7 @@ import data
 from extras.anomalies import FILL, SHAPE, foreground
 from extras.checks import or_exit
 from extras.folders import open_data
+from extras.options import show
 
 
 def preview(args):
@@ -21,7 +22,7 @@ def preview(args):
         if args.texture_dir else []
     ts = data.TrainSet(normal, args.seed, fg, textures, kind == "texture", SHAPE[args.shape], FILL[args.fill])
     idx = np.random.default_rng(args.seed).choice(len(ts), min(args.n, len(ts)), replace=False)
-    gap, rows = np.ones((args.img_size, 4, 3), np.float32), []
+    gap, rows = np.ones((data.hw(args.img_size)[0], 4, 3), np.float32), []
     for i in idx:
         s = ts.sample(int(i))
         m = np.repeat((0.3 * s["foreground"] + 0.7 * s["mask"])[..., None], 3, axis=2)
@@ -33,9 +34,9 @@ def preview(args):
 
 
 def resize(args):
-    """python diffusionad.py resize --data ROOT/CLASS --out NEW --img-size S: loading the copy at S gives the pixels
-    of loading the original: images resized as data.rgb does and stored losslessly (PNG, same stem), ground-truth
-    masks as data.defect_mask does, foreground masks binarised; other files copied."""
+    """python diffusionad.py resize --data ROOT/CLASS --out NEW --img-size S|H,W: loading the copy at that size gives
+    the pixels of loading the original: images resized as data.rgb does and stored losslessly (PNG, same stem),
+    ground-truth masks as data.defect_mask does, foreground masks binarised; other files copied."""
     src, dst, size = Path(args.data), Path(args.out), args.img_size
     layout = data.open_layout(src) if src.is_dir() else None
     if layout not in ("mvtec", "visa-1cls", "dagm"):
@@ -59,4 +60,4 @@ def resize(args):
             grey = im.mode in ("1", "L", "LA", "I", "F") or im.mode.startswith("I;16")
             im = Image.fromarray(data.to_u8(a[..., 0] if grey else a))
         im.save(out if f.suffix.lower() == ".png" else out.with_suffix(".png"), format="PNG")
-    print(f"wrote {dst}: {layout} layout at {size} px")
+    print(f"wrote {dst}: {layout} layout at {show(size)} px")

@@ -143,11 +143,12 @@ def find_classes(root):
 
 def look(path, n=16):
     """(the median short side, whether they are binarised) of n training images spread over the train split of a
-    data set on disk (None, False for the built-in set or anything unreadable): the --preset cpu's evidence. Binarised:
-    on most of them at least 95 % of the pixels lie within 10 % of the image's darkest or brightest grey (a PCB scan)."""
+    data set on disk, or of all the classes of a benchmark root together (None, False for the built-in set or anything
+    unreadable): the --preset cpu's evidence. Binarised: on most of them at least 95 % of the pixels lie within 10 %
+    of the image's darkest or brightest grey (a PCB scan)."""
     try:
-        ds = open_data(path, "train", 64)
-        files = [ds.records[i][0] for i in np.linspace(0, len(ds) - 1, min(n, len(ds))).astype(int)]
+        records = [r for c in find_classes(path) or [path] for r in open_data(c, "train", 64).records]
+        files = [records[i][0] for i in np.linspace(0, len(records) - 1, min(n, len(records))).astype(int)]
         sides, binary = [], []
         for f in files:
             with Image.open(f) as im:

@@ -164,7 +164,9 @@ def from_flags(args, config_cls):
     """Parsed flags -> (Config, RunOptions): the preset's values, then the flags given; without --img-size, the
     shape of the images where they share one that is not square (folders.image_shape)."""
     given = {k: v for k, v in vars(args).items() if k in {f.name for f in fields(config_cls) + fields(RunOptions)}}
-    preset = cpu_preset(given.get("data", RunOptions.data)) if getattr(args, "preset", "paper") == "cpu" else {}
+    cpu = getattr(args, "preset", "paper") == "cpu"
+    side, binarised = look(given.get("data", RunOptions.data)) if cpu else (None, False)
+    preset = cpu_preset(side, binarised) if cpu else {}
     if given.get("variant") == "authors":
         preset.update(AUTHORS_PRESET)
     cfg, opts = config_and_options({**preset, **given}, config_cls)
@@ -174,18 +176,19 @@ def from_flags(args, config_cls):
             cfg = replace(cfg, img_size=image_shape(opts.data, cfg.img_size, multiple))
         except ValueError as e:
             raise SystemExit(str(e))
+    if cpu:  # what it chose, as the run will use it (flags given win)
+        print(f"--preset cpu: images at {show(cfg.img_size)} px" + (f" (their median short side {side}, 64-256)"
+              if side else "") + (f", {opts.crop}-px crops" if opts.crop else "")
+              + (f", binarised images: {opts.anomaly_shape} defects, fill {opts.anomaly_fill}, t up to {opts.train_t}, "
+                 f"inference at {', '.join(map(str, cfg.eval_t))}" if binarised else ""))
     return cfg, opts
 
 
-def cpu_preset(path):
-    """CPU_PRESET for the data at path, its size and synthetic anomalies chosen from the images (folders.look)."""
-    side, binarised = look(path)
+def cpu_preset(side, binarised):
+    """CPU_PRESET for images of median short side `side` (None: unknown, 64 px) that are binarised or not
+    (folders.look): the size is side rounded down to a multiple of 32 within 64-256."""
     preset = {**CPU_PRESET, "img_size": 64 if side is None else min(256, max(64, side // 32 * 32))}
-    preset.update(BINARISED if binarised else {})
-    print(f"--preset cpu: {preset['img_size']}-px images (their median short side {side}, 64-256), 64-px crops"
-          + (", binarised images: small defects of the other material, t up to 600, inference at 200, 400"
-             if binarised else "") if side else f"--preset cpu: {preset['img_size']}-px images")
-    return preset
+    return {**preset, **(BINARISED if binarised else {})}
 
 
 def config_and_options(values, config_cls):

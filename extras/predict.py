@@ -1,13 +1,16 @@
 """predict: score your own images with a run's model (Alg. 2), decide with its stored threshold, write a CSV row and
 an input | heatmap PNG per image; every readable file is scored, the unreadable ones listed at the end."""
 import csv
+import math
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
+import data
 import diffusionad
 from extras.checkpoints import open_run
 from extras.checks import or_exit
@@ -59,7 +62,8 @@ def predict(args, path, files, score, img_size, threshold, source):
     out, stream = predict_outputs(args, path)
     writer = csv.writer(stream)
     writer.writerow(["path", "score", "anomalous", "heatmap"])
-    bad, used, done, flagged = [], set(), 0, 0
+    bad, used, done, flagged, stretched = [], set(), 0, 0, []
+    H, W = data.hw(img_size)
     progress = Progress(len(files), "images", 0.0, sys.stderr if not args.csv else sys.stdout)
     for i in range(0, len(files), 64):
         chunk, images = [], []
@@ -69,6 +73,11 @@ def predict(args, path, files, score, img_size, threshold, source):
                 chunk.append(f)
             except (FileNotFoundError, ValueError) as e:
                 bad.append(str(e))
+                continue
+            with Image.open(f) as im:  # a run trained on non-square images: another aspect is stretched to its shape
+                w, h = im.size
+            if H != W and abs(math.log(h * W / (w * H))) > math.log(1.1):
+                stretched.append(f"{f.name} ({w} x {h})")
         if not chunk:
             continue
         maps, scores = score(torch.stack(images))
@@ -87,5 +96,9 @@ def predict(args, path, files, score, img_size, threshold, source):
     print(f"{flagged} of {done} images flagged as anomalous (score >= threshold {threshold:.6f}, {source})"
           if threshold is not None else f"no threshold: {source}; the anomalous column is empty",
           file=sys.stderr if not args.csv else sys.stdout)
+    if stretched:
+        print(f"note: {len(stretched)} of {done} images are not at the run's aspect ({W} x {H} as width x height), "
+              f"e.g. {stretched[0]}: stretched to it; their scores are less reliable (train on images of their shape)",
+              file=sys.stderr if not args.csv else sys.stdout)
     if bad:
         raise SystemExit(f"{len(bad)} of {len(files)} files could not be read and were skipped:\n  " + "\n  ".join(bad))

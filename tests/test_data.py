@@ -663,6 +663,21 @@ def test_preview_cli(tmp_path, capsys):
     D.main(["preview", "--data", "synthetic", "--out", str(out), "--n", "3", "--img-size", "32"])
     assert Image.open(out).size == (4 * 32 + 3 * 4, 3 * 32 + 2 * 4)
     assert "N | A | M | S" in capsys.readouterr().out
+    D.main(["preview", "--data", str(make_mvtec(tmp_path / "toy")), "--out", str(out), "--n", "2", "--img-size",
+            "32,48"])  # HEIGHT,WIDTH
+    assert Image.open(out).size == (4 * 48 + 3 * 4, 2 * 32 + 4)
+
+
+def test_resize_makes_a_copy_that_loads_to_the_same_pixels_at_any_shape(tmp_path, capsys):
+    src = make_mvtec(tmp_path / "toy")
+    D.main(["resize", "--data", str(src), "--out", str(tmp_path / "copy"), "--img-size", "32,48"])
+    assert "mvtec layout at 32,48 px" in capsys.readouterr().out
+    for split in ("train", "test"):
+        a, b = data.open_dataset(src, split, (32, 48)), data.open_dataset(tmp_path / "copy", split, (32, 48))
+        for i in range(len(a)):
+            assert a[i]["image"].shape == (3, 32, 48)
+            assert (a[i]["image"] - b[i]["image"]).abs().max() <= 1 / 255 + 1e-6  # stored as 8-bit PNG
+            assert torch.equal(a[i]["mask"], b[i]["mask"])
 
 
 # ---------------------------------------------------------------- real data in ../shared/data

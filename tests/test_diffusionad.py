@@ -106,7 +106,16 @@ def test_the_cpu_preset_takes_its_size_and_anomalies_from_the_images(tmp_path, c
     assert both("--preset", "cpu", "--data", str(tmp_path / "small"))[0].img_size == 96  # 100 -> a multiple of 32
     assert both("--preset", "cpu", "--data", str(tmp_path / "grey"), "--crop", "32", "--lr-schedule", "constant")[1] \
         .crop == 32  # your flags win
-    assert "binarised images: small defects of the other material" in capsys.readouterr().out
+    assert "binarised images: small defects, fill invert, t up to 600, inference at 200, 400" in capsys.readouterr().out
+    for c in ("b1", "b2"):  # a benchmark root in MVTec's layout: its classes' images together
+        (tmp_path / "root" / c / "test").mkdir(parents=True)
+        (tmp_path / "root" / c / "train" / "good").mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(((rng.random((400, 400)) > 0.5) * 255).astype(np.uint8)).save(
+                tmp_path / "root" / c / "train" / "good" / f"{i}.png")
+    root = both("--preset", "cpu", "--data", str(tmp_path / "root"), "--img-size", "128")
+    assert root[0].img_size == 128 and root[1].anomaly_fill == "invert"
+    assert "--preset cpu: images at 128 px (their median short side 400" in capsys.readouterr().out  # as used
 
 
 def argparse_train(flags):

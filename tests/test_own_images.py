@@ -303,6 +303,12 @@ def test_a_folder_of_elongated_parts_keeps_their_shape_from_training_to_export(t
     with torch.no_grad():
         maps, scores = torch.export.load(str(tmp_path / "model.pt2")).module()(images)
     assert maps.shape == (3, 64, 160) and np.allclose(scores.numpy(), [float(r[1]) for r in rows], atol=1e-4)
+    Image.open(files[0]).transpose(Image.Transpose.ROTATE_90).save(tmp_path / "turned.png")  # another aspect: said
+    D.main(["predict", "--run", str(run), str(tmp_path / "turned.png"), files[0], "--csv", str(tmp_path / "q.csv")])
+    out = capsys.readouterr().out
+    assert "--preset cpu: images at 64,160 px (their median short side 40, 64-256), 64-px crops" in out
+    assert "note: 1 of 2 images are not at the run's aspect (160 x 64 as width x height), e.g. turned.png (40 x 100)" \
+        in out
     D.main(["train", "--data", str(folder), "--out", str(tmp_path / "hw"), "--holdout", "0"] + FLAGS[2:]
            + ["--img-size", "32,64", "--max-steps", "1"])  # explicit HEIGHT,WIDTH
     assert torch.load(tmp_path / "hw" / "ckpt.pt", weights_only=True)["config"]["img_size"] == (32, 64)

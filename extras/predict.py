@@ -64,7 +64,8 @@ def predict(args, path, files, score, img_size, threshold, source):
     writer.writerow(["path", "score", "anomalous", "heatmap"])
     bad, used, done, flagged, stretched = [], set(), 0, 0, []
     H, W = data.hw(img_size)
-    progress = Progress(len(files), "images", 0.0, sys.stderr if not args.csv else sys.stdout)
+    log = sys.stdout if args.csv else sys.stderr  # the CSV on stdout keeps it clean
+    progress = Progress(len(files), "images", 0.0, log)
     for i in range(0, len(files), 64):
         chunk, images = [], []
         for f in files[i: i + 64]:
@@ -74,10 +75,11 @@ def predict(args, path, files, score, img_size, threshold, source):
             except (FileNotFoundError, ValueError) as e:
                 bad.append(str(e))
                 continue
-            with Image.open(f) as im:  # a run trained on non-square images: another aspect is stretched to its shape
-                w, h = im.size
-            if H != W and abs(math.log(h * W / (w * H))) > math.log(1.1):
-                stretched.append(f"{f.name} ({w} x {h})")
+            if H != W:  # a run trained on non-square images: another aspect is stretched to its shape
+                with Image.open(f) as im:  # the header alone
+                    w, h = im.size
+                if abs(math.log(h * W / (w * H))) > math.log(1.1):
+                    stretched.append(f"{f.name} ({w} x {h})")
         if not chunk:
             continue
         maps, scores = score(torch.stack(images))
@@ -95,10 +97,10 @@ def predict(args, path, files, score, img_size, threshold, source):
         print(f"wrote scores of {done} images to {args.csv} and heatmaps to {out}")
     print(f"{flagged} of {done} images flagged as anomalous (score >= threshold {threshold:.6f}, {source})"
           if threshold is not None else f"no threshold: {source}; the anomalous column is empty",
-          file=sys.stderr if not args.csv else sys.stdout)
+          file=log)
     if stretched:
         print(f"note: {len(stretched)} of {done} images are not at the run's aspect ({W} x {H} as width x height), "
               f"e.g. {stretched[0]}: stretched to it; their scores are less reliable (train on images of their shape)",
-              file=sys.stderr if not args.csv else sys.stdout)
+              file=log)
     if bad:
         raise SystemExit(f"{len(bad)} of {len(files)} files could not be read and were skipped:\n  " + "\n  ".join(bad))

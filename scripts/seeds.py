@@ -56,7 +56,7 @@ def verdicts(args):
             continue
         stored = flagged[0].get("rule", "quantile")
         for rule in [stored] + [r for r in flagged[0].get("by_rule", {}) if r != stored]:
-            v = [f if rule == stored and "by_rule" not in f else f["by_rule"].get(rule, f) for f in flagged]
+            v = [f.get("by_rule", {}).get(rule, f if rule == stored else {}) for f in flagged]  # missing: "-"
             rows.append(f"| {name} | {rule}{' (stored)' * (rule == stored)} | " + " | ".join(
                 fmt([x.get(k) for x in v]) for k in ("good", "anomalous", "f1"))
                 + f" | {fmt([f.get('image_f1_max') for f in flagged])} |")

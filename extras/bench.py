@@ -16,7 +16,7 @@ from extras.checks import or_exit
 from extras.folders import open_data
 from extras.inference import run_inference
 from extras.options import check_flags, from_flags
-from extras.speed import compile_report, memory_format, pick_device, sync, training_forward
+from extras.speed import compile_report, inference_bf16, memory_format, pick_device, sync, training_forward
 
 
 def peak_memory_mb(device):
@@ -101,11 +101,11 @@ def bench_inference(cfg, opts, device, n_images, mem):
     print(f"inference, {'x'.join(map(str, data.hw(cfg.img_size)))}, base {cfg.base_channels}, t = {cfg.eval_t}, {n_images} images, "
           f"{device}:")
     base_fps = None
-    plain = replace(opts, amp=False, compile=False, log_every=1e9)
+    plain, bf16 = replace(opts, amp=False, eval_amp=False, compile=False, log_every=1e9), inference_bf16(opts, device)
     paths = [("naive (1 image, time steps in turn, autograd on, fp32)", None),
              (f"shipped (batch {opts.eval_batch}, time steps batched, inference_mode, fp32)", plain)]
-    if opts.amp or opts.compile:
-        paths.append((f"shipped with{' bf16' if opts.amp else ''}{' compile' if opts.compile else ''}"
+    if bf16 or opts.compile:  # --amp, or the CPU preset's bf16 inference
+        paths.append((f"shipped with{' bf16' if bf16 else ''}{' compile' if opts.compile else ''}"
                       f"{' + CUDA graphs' if opts.compile and device.type == 'cuda' else ''}",
                       replace(opts, log_every=1e9)))
     for name, o in paths:

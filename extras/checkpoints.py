@@ -132,7 +132,8 @@ def open_run(args, config_cls, channel_mult):
     if getattr(args, "alg2", False) and opts.variant != "paper":  # the paper's Alg. 2 (its time steps unless given)
         opts, cfg = replace(opts, variant="paper"), replace(cfg, eval_t=config_cls().eval_t)
     cfg = replace(cfg, eval_t=getattr(args, "eval_t", None) or cfg.eval_t)
-    opts = replace(opts, device=args.device, amp=args.amp, compile=args.compile,
-                   eval_batch=args.eval_batch or opts.eval_batch, log_every=args.log_every or opts.log_every)
+    opts = replace(opts, device=args.device, amp=bool(args.amp), eval_amp=opts.eval_amp and args.amp is not False,
+                   compile=args.compile, eval_batch=args.eval_batch or opts.eval_batch,
+                   log_every=args.log_every or opts.log_every)  # --no-amp: float32, also for a bf16-inferring run
     check_flags(cfg, opts, channel_mult)
     return path, state, cfg, opts

@@ -83,7 +83,8 @@ def run_flags(p, default):
     p.add_argument("--eval-t", type=parse_ints, help="inference time steps, e.g. 100,200 (default: the run's)")
     p.add_argument("--eval-batch", type=int, help="images per inference batch (default: the run's)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast (GPUs; CPUs with native bf16)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast (GPUs; CPUs with native "
+                   "bf16); --no-amp: float32 (default: the run's, bf16 inference for --preset cpu where native)")
     p.add_argument("--compile", action="store_true", help="torch.compile Alg. 2 (CUDA graphs on a GPU)")
     p.add_argument("--log-every", type=float, help="seconds between progress lines")
     p.add_argument("--alg2", action="store_true", help="a run of the authors' variant (trained or imported): the "

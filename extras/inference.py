@@ -37,7 +37,7 @@ def run_inference(model, images, cfg, opts, device, keep_restorations=False, wha
     maps_fn = compiled(model, batched_maps, opts, device)  # torch.compile with --compile
     maps, scores, mse, restored = [], [], [], []
     progress = Progress(N, what, opts.log_every)
-    with torch.inference_mode(), autocast(opts, device):
+    with torch.inference_mode(), autocast(opts, device, inference=True):
         for i in range(0, N, B):
             x0 = images[i: i + B].to(device, non_blocking=True)
             n = len(x0)

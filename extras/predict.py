@@ -18,7 +18,7 @@ from extras.folders import list_images, load_image
 from extras.inference import run_inference
 from extras.reports import Progress, heatmap, save_png, to_uint8
 from extras.thresholds import stored
-from extras.speed import pick_device
+from extras.speed import inference_bf16, pick_device
 
 
 def open_model(args):
@@ -36,6 +36,9 @@ def main(args):
     model.to(device)
     threshold, source = stored(state, cfg, opts, path, args.threshold)
     threshold = threshold["value"] if isinstance(threshold, dict) else threshold
+    if inference_bf16(opts, device) and not opts.amp:
+        print("scoring in bf16, the run's default on this device (--preset cpu); --no-amp: float32, as `export`",
+              file=sys.stdout if args.csv else sys.stderr)
     predict(args, path, files, lambda x: run_inference(model, x, cfg, opts, device)[:2], cfg.img_size, threshold,
             source)
 

@@ -15,7 +15,7 @@ from PIL import Image
 import data
 import metrics
 from extras.checkpoints import atomic_write, settings
-from extras.speed import autocast, memory_format
+from extras.speed import autocast, inference_bf16, memory_format, pick_device
 from extras.thresholds import verdicts
 
 COLUMNS = (("Image AUROC", "image_auroc"), ("Pixel AUROC", "pixel_auroc"), ("PRO", "pixel_pro"),
@@ -62,7 +62,7 @@ def maps_without_restoration(model, images, opts, device):
     """The segmentation net's maps (N,H,W) and scores (N,) with x0_hat := x0: what it finds in x0 alone. One
     segmentation pass per batch."""
     fmt, out = memory_format(opts, device, inference=True), []
-    with torch.inference_mode(), autocast(opts, device):
+    with torch.inference_mode(), autocast(opts, device, inference=True):
         for i in range(0, len(images), opts.eval_batch):
             x0 = images[i: i + opts.eval_batch].to(device).contiguous(memory_format=fmt)
             out.append(torch.sigmoid(model.segment(x0, x0).float())[:, 0].cpu())  # float32, as Alg. 2's maps
@@ -112,7 +112,8 @@ def print_metrics(res, cfg, opts, device):
         print(f"  pixel metrics and PRO over the {res['n_test_anomalous'] - res['n_test_without_mask']} anomalous "
               f"images with a mask (and the good ones); {res['n_test_without_mask']} have none")
     print(f"  FPS = test images/s through both networks at all time steps incl. the top-{cfg.top_k} score, "
-          f"batch {opts.eval_batch} on {device}, after a warm-up, file reading excluded. F1 = F1-max")
+          f"batch {opts.eval_batch} on {device} in {res['precision']}, after a warm-up, file reading excluded. "
+          "F1 = F1-max")
     if "reliance" in res:
         print("  reliance on the restoration (drop with x0_hat := x0): " + ", ".join(
             f"{name} {100 * v:+.1f}" for name, v in zip(("image AUROC", "pixel AUROC", "PRO"), res["reliance"].values())
@@ -151,11 +152,12 @@ def save_panels(folder, items, images, restored, maps, t):
 
 
 def eval_output(args, opts, cfg, path):
-    """Where an evaluation writes: RUN/eval_<checkpoint>_<data>_t<t>[_alg2][_amp].json, or --json; never a
+    """Where an evaluation writes: RUN/eval_<checkpoint>_<data>_t<t>[_alg2][_amp (bf16)].json, or --json; never a
     run's own metrics.json, never an existing file given with --json. Also the folder name for its panels."""
     data_name = Path((args.test or args.data or opts.test or opts.data).rstrip("/")).name
     parts = ["eval", path.stem, data_name, "t" + "+".join(map(str, cfg.eval_t))]
-    parts += [p for p, on in (("alg2", getattr(args, "alg2", False)), ("amp", args.amp)) if on]
+    parts += [p for p, on in (("alg2", getattr(args, "alg2", False)), ("amp", inference_bf16(opts, pick_device(opts))))
+              if on]
     name = "_".join(parts)
     out = Path(args.json) if args.json else path.parent / f"{name}.json"
     if out.name == "metrics.json" or (args.json and out.exists()):

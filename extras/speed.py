@@ -9,7 +9,8 @@ from extras.distributed import data_parallel
 
 
 def pick_device(opts):
-    """auto: CUDA when present (cuda:LOCAL_RANK under torchrun), else the CPU. --amp needs native bf16."""
+    """auto: CUDA when present (cuda:LOCAL_RANK under torchrun), else the CPU. --amp needs native bf16 (--eval-amp
+    falls back to float32 without it)."""
     local = int(os.environ.get("LOCAL_RANK", 0))
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device {opts.device}: no CUDA device is available")
@@ -17,13 +18,25 @@ def pick_device(opts):
         device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(f"cuda:{local}" if opts.device == "cuda" else opts.device)
-    if opts.amp and device.type == "cpu" and not (torch.cpu._is_amx_tile_supported() or
-                                                  torch.cpu._is_avx512_bf16_supported()):
+    if opts.amp and device.type == "cpu" and not native_bf16(device):
         raise SystemExit("--amp: this CPU has no native bf16 (AMX or AVX512-BF16); bf16 would be emulated and "
                          "slower than float32. Drop --amp")
-    if opts.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if opts.amp and device.type == "cuda" and not native_bf16(device):
         raise SystemExit(f"--amp: {torch.cuda.get_device_name(device)} has no bf16 support. Drop --amp")
     return device
+
+
+def native_bf16(device):
+    """Whether bf16 runs natively on the device: a CUDA GPU that supports it, a CPU with AMX or AVX512-BF16."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+
+
+def inference_bf16(opts, device):
+    """Whether inference (evaluation, the threshold, predict) runs in bf16: --amp, or --eval-amp (the CPU preset's
+    default) where the device has native bf16; float32 elsewhere."""
+    return opts.amp or (opts.eval_amp and native_bf16(device))
 
 
 def memory_format(opts, device, inference=False):
@@ -33,8 +46,10 @@ def memory_format(opts, device, inference=False):
     return torch.channels_last if inference or device.type == "cuda" or opts.amp else torch.contiguous_format
 
 
-def autocast(opts, device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts.amp)
+def autocast(opts, device, inference=False):
+    """bf16 autocast: training with --amp; inference with --amp or where inference_bf16 says so."""
+    return torch.autocast(device.type, dtype=torch.bfloat16,
+                          enabled=inference_bf16(opts, device) if inference else opts.amp)
 
 
 def sync(device):

@@ -118,6 +118,24 @@ def test_the_cpu_preset_takes_its_size_and_anomalies_from_the_images(tmp_path, c
     assert "--preset cpu: images at 128 px (their median short side 400" in capsys.readouterr().out  # as used
 
 
+def test_the_cpu_preset_infers_in_bf16_only_where_the_device_has_it_and_no_amp_turns_it_off(monkeypatch, capsys):
+    both = lambda *flags: options.from_flags(argparse_train(list(flags)), D.Config)[1]
+    cpu, run = torch.device("cpu"), options.RunOptions(device="cpu")
+    assert both("--preset", "cpu").eval_amp and not both("--preset", "cpu").amp and not both().eval_amp
+    assert not both("--preset", "cpu", "--no-amp").eval_amp and both("--preset", "cpu", "--amp").amp
+    assert both("--preset", "cpu", "--no-amp", "--eval-amp").eval_amp  # the flag itself wins
+    for native in (True, False):
+        monkeypatch.setattr(speed, "native_bf16", lambda device: native)
+        capsys.readouterr()
+        preset = both("--preset", "cpu", "--device", "cpu")
+        assert ("inference in bf16 (native on this device; --no-amp: float32)" in capsys.readouterr().out) == native
+        assert speed.inference_bf16(preset, cpu) == native and not speed.inference_bf16(run, cpu)
+        with speed.autocast(preset, cpu, inference=True):
+            assert torch.is_autocast_enabled("cpu") == native
+        with speed.autocast(preset, cpu):  # training: float32 unless --amp
+            assert not torch.is_autocast_enabled("cpu")
+
+
 def argparse_train(flags):
     import argparse
     p = argparse.ArgumentParser()

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import diffusionad as D
-from extras import folders, reports, thresholds
+from extras import folders, reports, speed, thresholds
 from extras.export import Alg2Program
 from extras.options import RunOptions
 
@@ -206,7 +206,7 @@ def test_export_runs_in_a_fresh_process_and_equals_predict(folder_run, tmp_path)
     run = folder_run
     inputs = labelled(tmp_path / "new")
     files = sorted(str(p) for d in ("good", "spot", "dent") for p in (inputs / d).iterdir())  # 9: not a batch multiple
-    D.main(["predict", "--run", str(run), *files, "--csv", str(tmp_path / "p.csv")])
+    D.main(["predict", "--run", str(run), *files, "--csv", str(tmp_path / "p.csv"), "--no-amp"])  # float32, as export
     predicted = {r.split(",")[0]: float(r.split(",")[1]) for r in (tmp_path / "p.csv").read_text().splitlines()[1:]}
     with pytest.raises(SystemExit, match="model.onnx: the file name must end in .pt2"):
         D.main(["export", "--run", str(run), "--out", str(tmp_path / "model.onnx")])
@@ -233,7 +233,7 @@ def test_a_run_of_the_authors_variant_evaluates_predicts_and_exports_alike(tmp_p
     assert ck["config"]["variant"] == "authors" and ck["config"]["eval_t"] == (200, 400)  # args1.json's
     assert ck["threshold"]["variant"] == "authors" and len(ck["optimizer"]["param_groups"]) == 2  # their two Adams
     files = sorted(str(p) for d in ("good", "spot") for p in (inputs / d).iterdir())
-    D.main(["predict", "--run", str(run), *files, "--csv", str(tmp_path / "p.csv")])
+    D.main(["predict", "--run", str(run), *files, "--csv", str(tmp_path / "p.csv"), "--no-amp"])  # float32, as export
     rows = [r.split(",") for r in (tmp_path / "p.csv").read_text().splitlines()[1:]]
     assert all(r[2] == str(int(float(r[1]) >= ck["threshold"]["value"])) for r in rows)  # the stored threshold
     model, cfg = D.load(run)  # export's program (its file: the test above)
@@ -288,12 +288,14 @@ def test_a_folder_of_elongated_parts_keeps_their_shape_from_training_to_export(t
     ck = torch.load(run / "ckpt.pt", weights_only=True)
     assert ck["config"]["img_size"] == (64, 160) and json.loads((run / "config.json").read_text())["img_size"] == [64, 160]
     m = json.loads((run / "metrics.json").read_text())
+    bf16 = speed.native_bf16(torch.device("cpu"))  # the preset infers in bf16 where the CPU has it natively
+    assert m["precision"] == ck["threshold"]["precision"] == ("bf16" if bf16 else "float32")
     assert m["n_test_good"] == 3 and m["n_test_anomalous"] == 3 and 0 <= m["pixel_pro"] <= 1
     D.main(["eval", "--run", str(run), "--save-maps"])
-    panel = Image.open(sorted((run / "eval_ckpt_test_t100+200").glob("spot_*.png"))[0])
+    panel = Image.open(sorted((run / ("eval_ckpt_test_t100+200" + "_amp" * bf16)).glob("spot_*.png"))[0])
     assert panel.size == (4 * 160, 64)  # input | restoration | map | truth, each 64 x 160
     files = sorted(str(p) for p in (test / "spot").iterdir())
-    D.main(["predict", "--run", str(run), *files, "--csv", str(tmp_path / "p.csv")])
+    D.main(["predict", "--run", str(run), *files, "--csv", str(tmp_path / "p.csv"), "--no-amp"])  # float32, as export
     rows = [r.split(",") for r in (tmp_path / "p.csv").read_text().splitlines()[1:]]
     assert Image.open(rows[0][3]).size == (2 * 160, 64)  # input | heatmap
     D.main(["export", "--run", str(run), "--out", str(tmp_path / "model.pt2")])
@@ -307,6 +309,9 @@ def test_a_folder_of_elongated_parts_keeps_their_shape_from_training_to_export(t
     D.main(["predict", "--run", str(run), str(tmp_path / "turned.png"), files[0], "--csv", str(tmp_path / "q.csv")])
     out = capsys.readouterr().out
     assert "--preset cpu: images at 64,160 px (their median short side 40, 64-256), 64-px crops" in out
+    assert ("scoring in bf16, the run's default on this device (--preset cpu); --no-amp: float32" in out) == bf16
+    bf16_score = float((tmp_path / "q.csv").read_text().splitlines()[2].split(",")[1])  # files[0], as scored above
+    assert abs(bf16_score - float(rows[0][1])) < 0.02 and (bf16_score != float(rows[0][1])) == bf16
     assert "note: 1 of 2 images are not at the run's aspect (160 x 64 as width x height), e.g. turned.png (40 x 100)" \
         in out
     D.main(["train", "--data", str(folder), "--out", str(tmp_path / "hw"), "--holdout", "0"] + FLAGS[2:]

@@ -79,14 +79,14 @@ def latest_run():
 
 def save_checkpoint(path, model, opt, step, cfg, opts, seconds=0.0, threshold=None, **extra):
     """Both networks, the optimizer, the step, the settings, the decision threshold once it is known, and `extra`
-    entries (an imported model's origin). Loadable with torch.load(weights_only=True)."""
+    entries that are not None (an imported model's origin, the training images' aspects). Loadable with torch.load(weights_only=True)."""
     state = {"denoiser": model.denoiser.state_dict() if model.denoiser is not None else {},
              "seg": model.seg.state_dict() if model.seg is not None else {},
              "optimizer": opt.state_dict() if opt is not None else {}, "step": step, "seconds": seconds,
              "config": settings(cfg, opts), "version": VERSION}
     if threshold is not None:
         state["threshold"] = threshold
-    atomic_write(path, {**state, **extra})
+    atomic_write(path, {**state, **{k: v for k, v in extra.items() if v is not None}})
 
 
 def load_checkpoint(path, config_cls):
@@ -132,8 +132,8 @@ def open_run(args, config_cls, channel_mult):
     if getattr(args, "alg2", False) and opts.variant != "paper":  # the paper's Alg. 2 (its time steps unless given)
         opts, cfg = replace(opts, variant="paper"), replace(cfg, eval_t=config_cls().eval_t)
     cfg = replace(cfg, eval_t=getattr(args, "eval_t", None) or cfg.eval_t)
-    opts = replace(opts, device=args.device, amp=bool(args.amp), eval_amp=opts.eval_amp and args.amp is not False,
-                   compile=args.compile, eval_batch=args.eval_batch or opts.eval_batch,
-                   log_every=args.log_every or opts.log_every)  # --no-amp: float32, also for a bf16-inferring run
+    bf16 = (opts.eval_amp or opts.amp) and args.amp is not False  # the run's bf16 inference where native; --no-amp: off
+    opts = replace(opts, device=args.device, amp=bool(args.amp), eval_amp=bf16, compile=args.compile,
+                   eval_batch=args.eval_batch or opts.eval_batch, log_every=args.log_every or opts.log_every)
     check_flags(cfg, opts, channel_mult)
     return path, state, cfg, opts

@@ -1,5 +1,6 @@
 """export: a run's Alg. 2 as one torch.export program (any batch size up to 4096, the run's noise inside), loadable
-with torch alone, and a JSON beside it with the threshold and the input contract; its scores equal predict's."""
+with torch alone, and a JSON beside it with the threshold and the input contract. The program computes in float32:
+its scores equal predict's in float32 (`predict --no-amp` for a run that infers in bf16)."""
 import json
 import os
 from pathlib import Path
@@ -41,7 +42,7 @@ def main(args):
     export_files(args.out, exported, {
         "checkpoint": str(path), "threshold": None if threshold is None else threshold["value"],
         "threshold_rule": threshold or source, "img_size": cfg.img_size, "height": H, "width": W,
-        "eval_t": list(cfg.eval_t), "top_k": cfg.top_k,
+        "eval_t": list(cfg.eval_t), "top_k": cfg.top_k, "precision": "float32",
         "input": f"float32 (B, 3, {H}, {W}) RGB in [0, 1], resized bilinearly",
         "outputs": f"maps (B, {H}, {W}) in [0, 1], scores (B,); anomalous when score >= threshold"})
 

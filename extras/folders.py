@@ -168,6 +168,19 @@ def fitted(width, height, side, multiple):
     return side if long == side else (side, long) if width >= height else (long, side)
 
 
+def aspects(ds):
+    """(lowest, highest) width / height of a split's image files (their headers alone), rounded to 1e-4; None for a
+    set without files (the built-in one) or without a readable image."""
+    ratios = []
+    for p, *_ in getattr(ds, "records", ()):
+        try:
+            with Image.open(p) as im:
+                ratios.append(im.size[0] / im.size[1])
+        except Exception:
+            continue  # an unreadable file: the checks before training name it
+    return (round(min(ratios), 4), round(max(ratios), 4)) if ratios else None
+
+
 def image_shape(path, side, multiple):
     """--img-size when none is given: side, or the one shape that every training image of a plain folder or of a
     class in MVTec AD's or DAGM's layout takes at side (fitted) where it is not square. VisA (the paper resizes its

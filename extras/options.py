@@ -188,9 +188,17 @@ def from_flags(args, config_cls):
               if side else "") + (f", {opts.crop}-px crops" if opts.crop else "")
               + (f", binarised images: {opts.anomaly_shape} defects, fill {opts.anomaly_fill}, t up to {opts.train_t}, "
                  f"inference at {', '.join(map(str, cfg.eval_t))}" if binarised else "")
-              + (", inference in bf16 (native on this device; --no-amp: float32)"
-                 if not opts.amp and inference_bf16(opts, pick_device(opts)) else ""))
+              + (", inference in bf16 (native on this device; --no-amp: float32)" if bf16_here(opts) else ""))
     return cfg, opts
+
+
+def bf16_here(opts):
+    """Whether the run infers in bf16 by --eval-amp alone on the device it names (False for a --device that
+    check_flags refuses next)."""
+    try:
+        return not opts.amp and inference_bf16(opts, pick_device(opts))
+    except (RuntimeError, SystemExit):
+        return False
 
 
 def cpu_preset(side, binarised):

@@ -1,7 +1,6 @@
 """predict: score your own images with a run's model (Alg. 2), decide with its stored threshold, write a CSV row and
 an input | heatmap PNG per image; every readable file is scored, the unreadable ones listed at the end."""
 import csv
-import math
 import sys
 import time
 from pathlib import Path
@@ -35,12 +34,15 @@ def main(args):
     device = pick_device(opts)
     model.to(device)
     threshold, source = stored(state, cfg, opts, path, args.threshold)
+    precision, log = "bf16" if inference_bf16(opts, device) else "float32", sys.stdout if args.csv else sys.stderr
+    if precision == "bf16" and not opts.amp:
+        print("scoring in bf16, the run's default on this device; --no-amp: float32, as `export`", file=log)
+    if isinstance(threshold, dict) and threshold.get("precision", precision) != precision:
+        print(f"note: the threshold was set on {threshold['precision']} scores, these are {precision}: a score near "
+              "it may fall the other way", file=log)
     threshold = threshold["value"] if isinstance(threshold, dict) else threshold
-    if inference_bf16(opts, device) and not opts.amp:
-        print("scoring in bf16, the run's default on this device (--preset cpu); --no-amp: float32, as `export`",
-              file=sys.stdout if args.csv else sys.stderr)
     predict(args, path, files, lambda x: run_inference(model, x, cfg, opts, device)[:2], cfg.img_size, threshold,
-            source)
+            source, state.get("aspects"))
 
 
 def predict_outputs(args, path):
@@ -58,31 +60,33 @@ def predict_outputs(args, path):
     return out, (open(args.csv, "w", newline="") if args.csv else sys.stdout)
 
 
-def predict(args, path, files, score, img_size, threshold, source):
+def predict(args, path, files, score, img_size, threshold, source, trained=None):
     """Score files in chunks (any folder size fits in memory): score(images (N,3,S,S)) -> (maps, scores).
     Writes path,score,anomalous,heatmap rows (anomalous: score >= threshold, from `source`) and input | heatmap
-    PNGs; unreadable files are listed at the end."""
+    PNGs; unreadable files are listed at the end, images of an aspect the run was not trained on noted. trained:
+    the (lowest, highest) width / height of the run's training images (checkpoints before it: the run's shape)."""
     out, stream = predict_outputs(args, path)
     writer = csv.writer(stream)
     writer.writerow(["path", "score", "anomalous", "heatmap"])
     bad, used, done, flagged, stretched = [], set(), 0, 0, []
     H, W = data.hw(img_size)
+    lo, hi = trained or (W / H, W / H)
     log = sys.stdout if args.csv else sys.stderr  # the CSV on stdout keeps it clean
     progress = Progress(len(files), "images", 0.0, log)
     for i in range(0, len(files), 64):
         chunk, images = [], []
         for f in files[i: i + 64]:
             try:
-                images.append(load_image(f, img_size))
-                chunk.append(f)
-            except (FileNotFoundError, ValueError) as e:
-                bad.append(str(e))
-                continue
-            if H != W:  # a run trained on non-square images: another aspect is stretched to its shape
-                with Image.open(f) as im:  # the header alone
+                image = load_image(f, img_size)
+                with Image.open(f) as im:  # the header alone: an aspect none of the training images had is stretched
                     w, h = im.size
-                if abs(math.log(h * W / (w * H))) > math.log(1.1):
-                    stretched.append(f"{f.name} ({w} x {h})")
+            except (OSError, ValueError) as e:  # load_image's errors name the file
+                bad.append(str(e) if isinstance(e, ValueError) or str(f) in str(e) else f"{f}: {e}")
+                continue
+            images.append(image)
+            chunk.append(f)
+            if not lo / 1.1 <= w / h <= hi * 1.1:
+                stretched.append(f"{f.name} ({w} x {h})")
         if not chunk:
             continue
         maps, scores = score(torch.stack(images))
@@ -102,8 +106,10 @@ def predict(args, path, files, score, img_size, threshold, source):
           if threshold is not None else f"no threshold: {source}; the anomalous column is empty",
           file=log)
     if stretched:
-        print(f"note: {len(stretched)} of {done} images are not at the run's aspect ({W} x {H} as width x height), "
-              f"e.g. {stretched[0]}: stretched to it; their scores are less reliable (train on images of their shape)",
+        seen = f"the training images' {lo:.2f}-{hi:.2f}" if trained else f"the run's {W / H:.2f}"
+        print(f"note: {len(stretched)} of {done} images have an aspect (width / height) outside {seen}, e.g. "
+              f"{stretched[0]}: stretched to the run's {W} x {H}; their scores are less reliable (train on images of "
+              "their shape)",
               file=log)
     if bad:
         raise SystemExit(f"{len(bad)} of {len(files)} files could not be read and were skipped:\n  " + "\n  ".join(bad))

@@ -17,7 +17,7 @@ from extras.benchmarks import train_benchmark
 from extras.checkpoints import check_same_run, load_checkpoint, lock_run, run_folder, save_checkpoint, write_config
 from extras.checks import or_exit, preflight
 from extras.distributed import in_process_group, rank_and_world, torchrun_env
-from extras.folders import find_classes, holdout_split
+from extras.folders import aspects, find_classes, holdout_split
 from extras.speed import compile_report, memory_format, pick_device, training_forward
 
 
@@ -65,9 +65,8 @@ class Run:
     def __exit__(self, kind, error, tb):
         for s, h in self.handlers.items():
             signal.signal(s, h)
-        for f in (self.log, self.lock):
-            if f is not None:
-                f.close()
+        for f in [f for f in (self.log, self.lock) if f is not None]:
+            f.close()
         if kind is not None and issubclass(kind, torch.cuda.OutOfMemoryError):
             last = f"step {self.saved_step}" if self.saved_step is not None else "none yet"
             raise SystemExit(f"CUDA out of memory at step {self.step + 1}: try a smaller --batch-size, --amp, or a "
@@ -140,7 +139,8 @@ class Run:
         return halt
 
     def checkpoint(self, path, threshold=None):
-        save_checkpoint(path, self.model, self.opt, self.step, self.cfg, self.opts, self.seconds(), threshold)
+        save_checkpoint(path, self.model, self.opt, self.step, self.cfg, self.opts, self.seconds(), threshold,
+                        aspects=aspects(self.trainset.normal))  # the training images' width / height (headers)
 
     def seconds(self):
         return self.seconds0 + time.time() - self.t_start

@@ -21,15 +21,15 @@ def pick_device(opts):
     if opts.amp and device.type == "cpu" and not native_bf16(device):
         raise SystemExit("--amp: this CPU has no native bf16 (AMX or AVX512-BF16); bf16 would be emulated and "
                          "slower than float32. Drop --amp")
-    if opts.amp and device.type == "cuda" and not native_bf16(device):
+    if opts.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise SystemExit(f"--amp: {torch.cuda.get_device_name(device)} has no bf16 support. Drop --amp")
     return device
 
 
 def native_bf16(device):
     """Whether bf16 runs natively on the device: a CUDA GPU that supports it, a CPU with AMX or AVX512-BF16."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # Ampere and later (is_bf16_supported also counts emulation)
+        return torch.cuda.get_device_capability(device)[0] >= 8
     return device.type == "cpu" and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
 
 

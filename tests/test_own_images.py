@@ -309,14 +309,18 @@ def test_a_folder_of_elongated_parts_keeps_their_shape_from_training_to_export(t
     D.main(["predict", "--run", str(run), str(tmp_path / "turned.png"), files[0], "--csv", str(tmp_path / "q.csv")])
     out = capsys.readouterr().out
     assert "--preset cpu: images at 64,160 px (their median short side 40, 64-256), 64-px crops" in out
-    assert ("scoring in bf16, the run's default on this device (--preset cpu); --no-amp: float32" in out) == bf16
+    assert ("scoring in bf16, the run's default on this device; --no-amp: float32" in out) == bf16
+    assert ("note: the threshold was set on bf16 scores, these are float32" in out) == bf16  # the --no-amp one
     bf16_score = float((tmp_path / "q.csv").read_text().splitlines()[2].split(",")[1])  # files[0], as scored above
     assert abs(bf16_score - float(rows[0][1])) < 0.02 and (bf16_score != float(rows[0][1])) == bf16
-    assert "note: 1 of 2 images are not at the run's aspect (160 x 64 as width x height), e.g. turned.png (40 x 100)" \
-        in out
+    assert ck["aspects"] == [2.5, 2.5] or ck["aspects"] == (2.5, 2.5)  # the training images' width / height
+    assert "note: 1 of 2 images have an aspect (width / height) outside the training images' 2.50-2.50, e.g. " \
+        "turned.png (40 x 100): stretched to the run's 160 x 64" in out
     D.main(["train", "--data", str(folder), "--out", str(tmp_path / "hw"), "--holdout", "0"] + FLAGS[2:]
            + ["--img-size", "32,64", "--max-steps", "1"])  # explicit HEIGHT,WIDTH
     assert torch.load(tmp_path / "hw" / "ckpt.pt", weights_only=True)["config"]["img_size"] == (32, 64)
+    D.main(["predict", "--ckpt", str(tmp_path / "hw" / "ckpt.pt"), str(tmp_path / "turned.png"), files[0]])
+    assert "note: 1 of 2 images have an aspect" in capsys.readouterr().err  # stretched to 64 x 32, whatever the run
 
 
 def test_images_of_several_shapes_and_sizes_the_unet_cannot_take_are_one_line(tmp_path):

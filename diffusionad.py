@@ -26,7 +26,7 @@ from extras.checkpoints import load_checkpoint, open_run
 from extras.distributed import torchrun_env
 from extras.run import Run, launch
 from extras.inference import run_inference
-from extras.speed import autocast, inference_bf16, pick_device, sync
+from extras.speed import autocast, pick_device, precision, sync
 
 
 @dataclass
@@ -446,7 +446,7 @@ def evaluate(model, cfg, opts, test, device, name, threshold=None, maps_dir=None
     fps = len(images) / (time.perf_counter() - t0)
     res = metrics.evaluate(maps, masks, labels, scores, defects=[it["defect"] for it in items], pixel_images=has_mask)
     res.update(fps=round(fps, 3), eval_t=list(cfg.eval_t), data=str(name), device=str(device),
-               precision="bf16" if inference_bf16(opts, device) else "float32")
+               precision=precision(opts, device))
     if model.denoiser is not None and model.seg is not None:  # the drop with x0_hat := x0
         reports.add_reliance(res, model, images, masks, labels, has_mask, opts, device)
     if model.denoiser is not None:  # PSNR of the restorations (a variant without time steps: its reconstruction)

@@ -79,7 +79,8 @@ def latest_run():
 
 def save_checkpoint(path, model, opt, step, cfg, opts, seconds=0.0, threshold=None, **extra):
     """Both networks, the optimizer, the step, the settings, the decision threshold once it is known, and `extra`
-    entries that are not None (an imported model's origin, the training images' aspects). Loadable with torch.load(weights_only=True)."""
+    entries that are not None (an imported model's origin, the training images' aspects). Loadable with
+    torch.load(weights_only=True)."""
     state = {"denoiser": model.denoiser.state_dict() if model.denoiser is not None else {},
              "seg": model.seg.state_dict() if model.seg is not None else {},
              "optimizer": opt.state_dict() if opt is not None else {}, "step": step, "seconds": seconds,

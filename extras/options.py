@@ -97,7 +97,8 @@ RESUMABLE = ("epochs", "max_steps", "eval_t", "top_k")
 # down to a multiple of 32, 64 to 256 px (cpu_preset), with a fully convolutional denoiser; half of the synthetic masks
 # thin curves; t from 0..299 (the authors' later code); 5e-4 decayed to 0 (a constant rate could leave the last
 # model in a bad state); inference in bf16 where the device has it natively (the same metrics at 2-2.4x on a CPU
-# with AVX512-BF16; training stays float32, which bf16 does not speed up at 64-px crops). Binarised images (a PCB scan) get defects of the other material (BINARISED). Flags win.
+# with AVX512-BF16; training stays float32, which bf16 does not speed up at 64-px crops). Binarised images (a PCB
+# scan) get defects of the other material (BINARISED). Flags win.
 CPU_PRESET = dict(base_channels=16, num_res_blocks=1, channel_mult=(1, 2, 4), attn_resolutions=(), seg_channels=16,
                   crop=64, max_steps=3000, lr=5e-4, lr_schedule="cosine", eval_batch=4, workers=0, train_t=300,
                   anomaly_shape="mixed", eval_amp=True)

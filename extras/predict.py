@@ -17,7 +17,7 @@ from extras.folders import list_images, load_image
 from extras.inference import run_inference
 from extras.reports import Progress, heatmap, save_png, to_uint8
 from extras.thresholds import stored
-from extras.speed import inference_bf16, pick_device
+from extras.speed import pick_device, precision as inference_precision
 
 
 def open_model(args):
@@ -34,7 +34,7 @@ def main(args):
     device = pick_device(opts)
     model.to(device)
     threshold, source = stored(state, cfg, opts, path, args.threshold)
-    precision, log = "bf16" if inference_bf16(opts, device) else "float32", sys.stdout if args.csv else sys.stderr
+    precision, log = inference_precision(opts, device), sys.stdout if args.csv else sys.stderr
     if precision == "bf16" and not opts.amp:
         print("scoring in bf16, the run's default on this device; --no-amp: float32, as `export`", file=log)
     if isinstance(threshold, dict) and threshold.get("precision", precision) != precision:

@@ -53,7 +53,7 @@ class Run:
         self.ckpt_path, self.lock, self.log, self.handlers = self.folder / "ckpt.pt", None, None, {}
         self.step = self.saved_step = None
         self.state = resume_state(self.ckpt_path, resume, cfg, opts, config_cls)
-        self.test, self.trainset, self.held_out, self.steps_per_epoch = training_data(cfg, opts, self.world)
+        self.test, self.trainset, self.held_out, self.steps_per_epoch, self.aspects = training_data(cfg, opts, self.world)
         self.total = opts.max_steps if opts.max_steps > 0 else cfg.epochs * self.steps_per_epoch
         if self.rank == 0:  # last: a check that fails above leaves no lock held
             self.lock = lock_run(self.folder)  # before anything is written into it
@@ -140,7 +140,7 @@ class Run:
 
     def checkpoint(self, path, threshold=None):
         save_checkpoint(path, self.model, self.opt, self.step, self.cfg, self.opts, self.seconds(), threshold,
-                        aspects=aspects(self.trainset.normal))  # the training images' width / height (headers)
+                        aspects=self.aspects)
 
     def seconds(self):
         return self.seconds0 + time.time() - self.t_start
@@ -181,7 +181,8 @@ def resume_state(ckpt_path, resume, cfg, opts, config_cls):
 
 
 def training_data(cfg, opts, world):
-    """(test split or None, Alg. 1's TrainSet, the held-out slice or None, steps per epoch), every file checked."""
+    """(test split or None, Alg. 1's TrainSet, the held-out slice or None, steps per epoch, the training images'
+    (lowest, highest) width / height or None), every file checked."""
     splits = preflight(cfg, opts)
     normal, held_out = or_exit(holdout_split, splits["train"], opts.holdout)
     train = or_exit(trainset, normal, cfg, opts)
@@ -189,7 +190,7 @@ def training_data(cfg, opts, world):
     if steps_per_epoch == 0:
         raise SystemExit(f"{opts.data}: {len(train)} training images, fewer than one step's {cfg.batch_size * world} "
                          "(a batch takes distinct images); pass a smaller --batch-size")
-    return splits.get("test"), train, held_out, steps_per_epoch
+    return splits.get("test"), train, held_out, steps_per_epoch, aspects(normal)  # aspects: for predict's note
 
 
 def describe(run, workers, step):

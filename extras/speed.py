@@ -39,6 +39,11 @@ def inference_bf16(opts, device):
     return opts.amp or (opts.eval_amp and native_bf16(device))
 
 
+def precision(opts, device):
+    """The inference precision, as metrics.json, the stored threshold and predict say it: bf16 or float32."""
+    return "bf16" if inference_bf16(opts, device) else "float32"
+
+
 def memory_format(opts, device, inference=False):
     """NHWC where it is faster: on CUDA, for bf16 on CPUs (oneDNN's AMX kernels), and for inference on CPUs (fp32:
     1.50x instead of 1.38x the naive loop at the paper's size, docs/RESULTS.md). CPU training in fp32 stays NCHW,

@@ -17,7 +17,7 @@ import torch
 from extras.anomalies import trainset
 from extras.folders import labelled_folder
 from extras.options import ints
-from extras.speed import inference_bf16
+from extras.speed import precision
 
 K = 4  # synthetic anomalies per held-out normal image
 EPOCH = 10 ** 6  # the synthesizer's epoch for them: one training never reaches
@@ -86,7 +86,7 @@ def decide(run, scores_of, cfg, opts):
                             "n_anomalous": int((labels == 1).sum()), "f1": round(f1, 4)}
     t["rule"] = "calibrate" if opts.calibrate else opts.threshold_rule
     t["value"] = t["by_rule"][t["rule"]]
-    t["precision"] = "bf16" if inference_bf16(opts, run.device) else "float32"  # of the scores it was set on
+    t["precision"] = precision(opts, run.device)  # of the scores it was set on
     print(f"threshold {t['value']:.6f}: {describe(t)}")
     return t
 

@@ -470,9 +470,9 @@ def train_cmd(args):
 def eval_cmd(args):
     """eval: Alg. 2 on a run's test split (or --data / --test), the result in a file of its own."""
     path, state, cfg, opts = open_run(args, Config, channel_mult)
-    out, maps_dir = reports.eval_output(args, opts, cfg, path)
-    test = checks.open_test(args, opts, cfg.img_size)
     device = pick_device(opts)
+    out, maps_dir = reports.eval_output(args, opts, cfg, path, device)
+    test = checks.open_test(args, opts, cfg.img_size)
     model = checks.or_exit(build_model, cfg, state, device, model_class(opts), opts).eval()
     threshold, source = thresholds.stored(state, cfg, opts, path)
     print(f"evaluating {path} (step {state['step']})" + ("" if threshold else f"; no verdicts: {source}"))

@@ -15,7 +15,7 @@ from PIL import Image
 import data
 import metrics
 from extras.checkpoints import atomic_write, settings
-from extras.speed import autocast, inference_bf16, memory_format, pick_device
+from extras.speed import autocast, inference_bf16, memory_format
 from extras.thresholds import verdicts
 
 COLUMNS = (("Image AUROC", "image_auroc"), ("Pixel AUROC", "pixel_auroc"), ("PRO", "pixel_pro"),
@@ -151,13 +151,12 @@ def save_panels(folder, items, images, restored, maps, t):
     print(f"  wrote {len(items)} panels (input | restoration at t={t} | map | ground truth) to {folder}")
 
 
-def eval_output(args, opts, cfg, path):
+def eval_output(args, opts, cfg, path, device):
     """Where an evaluation writes: RUN/eval_<checkpoint>_<data>_t<t>[_alg2][_amp (bf16)].json, or --json; never a
     run's own metrics.json, never an existing file given with --json. Also the folder name for its panels."""
     data_name = Path((args.test or args.data or opts.test or opts.data).rstrip("/")).name
     parts = ["eval", path.stem, data_name, "t" + "+".join(map(str, cfg.eval_t))]
-    parts += [p for p, on in (("alg2", getattr(args, "alg2", False)), ("amp", inference_bf16(opts, pick_device(opts))))
-              if on]
+    parts += [p for p, on in (("alg2", getattr(args, "alg2", False)), ("amp", inference_bf16(opts, device))) if on]
     name = "_".join(parts)
     out = Path(args.json) if args.json else path.parent / f"{name}.json"
     if out.name == "metrics.json" or (args.json and out.exists()):

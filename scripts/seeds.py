@@ -31,9 +31,9 @@ def main():
     print("| method | seeds | Image AUROC | Pixel AUROC | PRO | Image F1-max | reliance: image AUROC | pixel AUROC "
           "| PRO | PSNR (dB) | train min | FPS |")
     print("|---" * 12 + "|")
-    for group in args.groups:
-        name, runs = group.split("=", 1)
-        ms = [json.loads((Path(r) / args.file).read_text()) for r in runs.split(",")]
+    groups = {name: [json.loads((Path(r) / args.file).read_text()) for r in runs.split(",")]
+              for name, runs in (g.split("=", 1) for g in args.groups)}
+    for name, ms in groups.items():
         rel = lambda k: fmt([m.get("reliance", {}).get(k) for m in ms])
         ts = list(ms[0].get("restoration_psnr_good", {}))
         psnr = ", ".join(f"{'t=' * t.isdigit()}{t} {fmt([m['restoration_psnr_good'][t] for m in ms], 1.0)}"
@@ -43,15 +43,14 @@ def main():
               ("image_auroc", "pixel_auroc", "pixel_pro", "image_f1_max"))
               + f" | {rel('image_auroc')} | {rel('pixel_auroc')} | {rel('pixel_pro')} | {psnr} | {train} | "
               f"{fmt([m.get('fps') for m in ms], 1.0)} |")
-    verdicts(args)
+    verdicts(groups)
 
 
-def verdicts(args):
-    """The second table: each group's verdicts of each threshold rule, stored first."""
+def verdicts(groups):
+    """The second table: each group's (name: its runs' results) verdicts of each threshold rule, stored first."""
     rows = []
-    for group in args.groups:
-        name, runs = group.split("=", 1)
-        flagged = [json.loads((Path(r) / args.file).read_text()).get("flagged") for r in runs.split(",")]
+    for name, ms in groups.items():
+        flagged = [m.get("flagged") for m in ms]
         if not all(flagged):
             continue
         stored = flagged[0].get("rule", "quantile")
